@@ -839,7 +839,6 @@ def train(config: TrainConfig) -> Path:
             # ---- offline-to-online switch: every phase change happens here ----
             # IQL changes nothing but the data: online transitions join the offline data in one buffer.
             scores["offline"] = scores["last"] if scores["last"] is not None else evaluate_and_log(t)
-            save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, t, config)
             agent.online = True
             progress.set_description("online")
         if agent.online:
@@ -866,6 +865,8 @@ def train(config: TrainConfig) -> Path:
             evaluate_and_log(done)
             progress.set_postfix(score=scores["last"])
             save_checkpoint(checkpoint_path, agent, buffer, collector, transform, done, config)
+            if done == config.offline_iterations:  # the pretrained model, to fine-tune many times
+                save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, done, config)
             last_log_time += time.time() - eval_start  # updates per second excludes evaluation time
     progress.close()
     logger.close()

@@ -739,7 +739,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     return (weight * diff.pow(2)).mean()
 
 
-def awr_weights(advantages: torch.Tensor, betas: torch.Tensor, official_broadcast: bool = False) -> torch.Tensor:
+def family_awr_weights(advantages: torch.Tensor, betas: torch.Tensor, official_broadcast: bool = False) -> torch.Tensor:
     """Per-sample min(exp(beta_j * A_j), 100), shape (B,). The official code's (B, B) broadcast gives
     sample j the weight mean_i min(exp(beta_i * A_j), 100), which ignores its own beta_j."""
     if official_broadcast:
@@ -855,7 +855,7 @@ class FamO2OImplicitQLearning:
         with torch.no_grad():
             values, next_values = self.vf(torch.cat([states, next_states])).chunk(2)
             advantages = target_q - values
-            weights = awr_weights(advantages, betas, self.config.famo2o_official_broadcast)
+            weights = family_awr_weights(advantages, betas, self.config.famo2o_official_broadcast)
             targets = rewards + self.discount * (1.0 - dones) * next_values
 
         # Actor: advantage-weighted regression onto buffer actions.
@@ -999,7 +999,6 @@ def train(config: TrainConfig) -> Path:
             # ---- offline-to-online switch: every phase change happens here ----
             # IQL changes nothing but the data: online transitions join the offline data in one buffer.
             scores["offline"] = scores["last"] if scores["last"] is not None else evaluate_and_log(t)
-            save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, t, config)
             family_evaluation(t)
             # FamO2O: the universal policy's beta now comes from the balance model (adaptive mode).
             agent.online = True
@@ -1028,6 +1027,8 @@ def train(config: TrainConfig) -> Path:
             evaluate_and_log(done)
             progress.set_postfix(score=scores["last"])
             save_checkpoint(checkpoint_path, agent, buffer, collector, transform, done, config)
+            if done == config.offline_iterations:  # the pretrained model, to fine-tune many times
+                save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, done, config)
             last_log_time += time.time() - eval_start  # updates per second excludes evaluation time
     progress.close()
     if start < total:

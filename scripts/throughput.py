@@ -1,0 +1,374 @@
+"""Gradient-update throughput of the algorithm files, with a matmul peak for scale.
+
+Run (from the repository root):
+
+    python scripts/throughput.py                          # CPU, 1 and 2 threads -> results/throughput.{csv,md}
+    python scripts/throughput.py --threads 1,2,4 --repeats 5
+    python scripts/throughput.py --device cuda            # GPU (the thread count still applies to the host)
+    python scripts/throughput.py --quick --out-dir /tmp/tp   # smoke mode: a few updates, one run, 1 thread
+    python scripts/throughput.py --quick --files iql.py --out-dir /tmp/tp   # one file (a few seconds)
+
+What is measured, per entry of ENTRIES (file, phase) and per thread count:
+
+- `agent.update(batch)` on Hopper-like dimensions (obs 11, act 3) with the file's `TrainConfig`
+  defaults (the paper hyperparameters: batch 256, 256x256 networks). Batches are random and
+  pre-generated on the device (a pool cycled through), so data generation is not timed.
+  `--warmup` updates, then `--repeats` timed runs of N updates each (N is sized from the warm-up so
+  that a run lasts about `--seconds`); the median run gives ms/update and updates/s.
+- FLOPs of one update, forward and backward matmuls, counted by `torch.utils.flop_counter`
+  (element-wise ops and optimizer steps are not counted), and the achieved GFLOP/s.
+- A float32 matmul peak at the same thread count: (256x256)@(256x256), the shape of the hidden
+  layers at batch 256, and (1024x1024)@(1024x1024).
+
+Every (entry, threads) measurement runs in its own subprocess (`--worker JOB`), so thread settings
+and allocator state do not leak between entries. Entries whose file does not exist yet are skipped.
+To measure a new algorithm file, add a row to ENTRIES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = REPO / "algorithms"
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: str  # under algorithms/
+    agent: Optional[str]  # agent class; None = the one class of the file with `update` and `act` methods
+    phases: Tuple[str, ...] = ("offline", "online")  # agent.online = (phase == "online")
+    base: Optional[str] = None  # file whose update time this one is compared with ("vs base")
+
+
+# The measured algorithm files. IQL's update ignores the phase; it is measured in both phases so that
+# every "vs base" ratio compares the same phase (and the two IQL rows show the run-to-run noise).
+ENTRIES: List[Entry] = [
+    Entry("iql.py", "ImplicitQLearning"),
+    Entry("iql_famo2o.py", "FamO2OImplicitQLearning", base="iql.py"),
+    # Announced files, skipped until they exist; name the agent class here once it is known.
+    Entry("cql.py", None),
+    Entry("cql_famo2o.py", None, base="cql.py"),
+    Entry("awac.py", None),
+    Entry("awac_samg.py", None, base="awac.py"),
+    Entry("cql_samg.py", None, base="cql.py"),
+]
+
+# Hopper-like dimensions for the measurement; buffer memory is also reported for the larger tasks.
+OBS_DIM, ACT_DIM = 11, 3
+BUFFER_DIMS = {"Hopper": (11, 3), "HalfCheetah / Walker2d": (17, 6)}
+BATCH_POOL = 64  # pre-generated batches, cycled through
+MATMUL_SIZES = (256, 1024)
+FAMO2O_BUDGET = 1.5  # project requirement: a FamO2O-style update costs at most this many base updates
+
+
+# ---------------------------------------------------------------- measurement (runs in the workers)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Wall-clock seconds of `calls` calls of fn, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def benchmark(fn: Callable[[], Any], device: torch.device, warmup: int, seconds: float, repeats: int,
+              min_calls: int) -> Dict[str, Any]:
+    """Warm up, size the runs from the warm-up speed, then time `repeats` runs; seconds per call."""
+    warm = elapsed(fn, warmup, device)
+    calls = max(min_calls, math.ceil(seconds * warmup / max(warm, 1e-9)))
+    per_call = [elapsed(fn, calls, device) / calls for _ in range(repeats)]
+    return {"calls": calls, "seconds_per_call": statistics.median(per_call), "runs_seconds_per_call": per_call}
+
+
+def load_module(path: Path) -> Any:
+    """Import a single-file script by path (algorithms/ is not a package)."""
+    name = f"throughput_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def agent_class(module: Any, name: Optional[str]) -> type:
+    if name is not None:
+        if not hasattr(module, name):
+            raise SystemExit(f"{module.__file__} has no class {name}; fix its row in ENTRIES.")
+        return getattr(module, name)
+    candidates = [obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__
+                  and callable(getattr(obj, "update", None)) and callable(getattr(obj, "act", None))]
+    if len(candidates) != 1:
+        raise SystemExit(f"Cannot tell the agent class of {module.__file__} (candidates: "
+                         f"{[c.__name__ for c in candidates]}); name it in its row of ENTRIES.")
+    return candidates[0]
+
+
+def random_batches(module: Any, batch_size: int, device: torch.device) -> List[Any]:
+    """A pool of random batches on the device (actions in [-1, 1], about 1 in 10 transitions terminal)."""
+    def one() -> Any:
+        return module.Batch(
+            states=torch.randn(batch_size, OBS_DIM, device=device),
+            actions=torch.rand(batch_size, ACT_DIM, device=device) * 2.0 - 1.0,
+            rewards=torch.randn(batch_size, device=device),
+            next_states=torch.randn(batch_size, OBS_DIM, device=device),
+            dones=(torch.rand(batch_size, device=device) < 0.1).float(),
+        )
+    return [one() for _ in range(BATCH_POOL)]
+
+
+def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    module = load_module(ALGORITHMS / job["file"])
+    cls = agent_class(module, job["agent"])
+    config = module.TrainConfig()
+    agent = cls(config, OBS_DIM, ACT_DIM, device)
+    agent.online = job["phase"] == "online"
+    batches = itertools.cycle(random_batches(module, config.batch_size, device))
+    result = benchmark(lambda: agent.update(next(batches)), device, job["warmup"], job["seconds"], job["repeats"],
+                       job["min_calls"])
+    with FlopCounterMode(display=False) as counter:
+        agent.update(next(batches))
+    return {**result, "agent": cls.__name__, "flops_per_call": counter.get_total_flops(),
+            "batch_size": config.batch_size, "hidden_dim": config.hidden_dim, "n_hidden": config.n_hidden}
+
+
+def measure_matmul(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    gflops = {}
+    for n in MATMUL_SIZES:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        out = torch.empty(n, n, device=device)
+        result = benchmark(lambda: torch.mm(a, b, out=out), device, job["warmup"], job["seconds"] / 2,
+                           job["repeats"], job["min_calls"])
+        gflops[n] = 2 * n**3 / result["seconds_per_call"] / 1e9
+    return {"matmul_gflops": gflops}
+
+
+def worker(job: Dict[str, Any]) -> None:
+    """Run one job in this (fresh) process and print its result as one JSON line."""
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    device = torch.device(job["device"])
+    measure = measure_matmul if job["kind"] == "matmul" else measure_update
+    result = measure(job, device)
+    result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(json.dumps({**job, **result}))
+
+
+# ---------------------------------------------------------------- orchestration (the parent process)
+def run_worker(job: Dict[str, Any]) -> Dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    process = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        raise SystemExit(f"worker failed ({process.returncode}): {json.dumps(job)}\n{process.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def commit_label() -> str:
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "algorithms") else "")
+
+
+def mib_per_million_transitions(obs_dim: int, act_dim: int) -> float:
+    """One replay row: state, action, reward, next state, done, all float32."""
+    return 4 * (2 * obs_dim + act_dim + 2) * 1e6 / 2**20
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def summarize(update: Dict[str, Any], peaks: Dict[int, float]) -> Dict[str, Any]:
+    seconds = update["seconds_per_call"]
+    achieved = update["flops_per_call"] / seconds / 1e9
+    return {
+        "file": update["file"],
+        "agent": update["agent"],
+        "phase": update["phase"],
+        "threads": update["threads"],
+        "device": update["device"],
+        "ms_per_update": 1e3 * seconds,
+        "ms_runs": [1e3 * s for s in update["runs_seconds_per_call"]],
+        "updates_per_second": 1.0 / seconds,
+        "updates_per_run": update["calls"],
+        "config": f"batch {update['batch_size']}, {update['hidden_dim']}x{update['n_hidden']} networks",
+        "gflop_per_update": update["flops_per_call"] / 1e9,
+        "achieved_gflops": achieved,
+        **{f"matmul{n}_gflops": peaks[n] for n in MATMUL_SIZES},
+        **{f"pct_of_matmul{n}": 100.0 * achieved / peaks[n] for n in MATMUL_SIZES},
+        "base": update["base"] or "",
+        "vs_base": None,
+        "mib_per_million_transitions": mib_per_million_transitions(OBS_DIM, ACT_DIM),
+    }
+
+
+def add_base_ratios(rows: List[Dict[str, Any]]) -> None:
+    by_key = {(r["file"], r["phase"], r["threads"]): r for r in rows}
+    for row in rows:
+        base = by_key.get((row["base"], row["phase"], row["threads"]))
+        if base is not None:
+            row["vs_base"] = row["ms_per_update"] / base["ms_per_update"]
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else
+                                 f"{v:.6g}" if isinstance(v, float) else "" if v is None else v)
+                             for k, v in row.items()})
+
+
+def markdown(rows: List[Dict[str, Any]], peaks: Dict[int, Dict[int, float]], header: Dict[str, str],
+             skipped: Sequence[str]) -> str:
+    lines = ["# Gradient-update throughput", ""]
+    lines += [f"- {key}: {value}" for key, value in header.items()]
+    lines += [f"- Replay memory per million buffered transitions (float32 rows of 2*obs + act + 2): "
+              + ", ".join(f"{name} (obs {o}, act {a}) {mib_per_million_transitions(o, a):.1f} MiB"
+                          for name, (o, a) in BUFFER_DIMS.items())]
+    if skipped:
+        lines.append(f"- Skipped (file not in algorithms/ yet): {', '.join(skipped)}")
+    lines += ["", "## Matmul peak (float32, median of runs)", "", "| threads | 256² GFLOP/s | 1024² GFLOP/s |",
+              "|---:|---:|---:|"]
+    lines += [f"| {k} | {p[256]:.1f} | {p[1024]:.1f} |" for k, p in sorted(peaks.items())]
+    lines += ["", "## Updates", "",
+              f"ms/update is the median of the timed runs (range = fastest and slowest run). GFLOP/update counts "
+              f"forward and backward matmuls only. vs base = ms/update over the base file's at the same phase and "
+              f"thread count (project budget for FamO2O-style variants: at most {FAMO2O_BUDGET}x).", "",
+              "| file | phase | threads | ms/update | range (ms) | updates/s | GFLOP/update | achieved GFLOP/s "
+              "| % of 256² peak | % of 1024² peak | vs base |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs_base = f"{r['vs_base']:.2f}x ({r['base']})" if r["vs_base"] is not None else ""
+        lines.append(
+            f"| {r['file']} | {r['phase']} | {r['threads']} | {r['ms_per_update']:.2f} | "
+            f"{min(r['ms_runs']):.2f}–{max(r['ms_runs']):.2f} | {r['updates_per_second']:.0f} | "
+            f"{r['gflop_per_update']:.3f} | {r['achieved_gflops']:.1f} | {r['pct_of_matmul256']:.0f}% | "
+            f"{r['pct_of_matmul1024']:.0f}% | {vs_base} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", help="comma-separated torch.set_num_threads values (default 1,2; --quick: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--files", default="", help="comma-separated subset of ENTRIES files (default: all)")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed updates before timing")
+    parser.add_argument("--seconds", type=float, default=3.0, help="target duration of one timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: 3 warm-up and 5 timed updates, 1 run, 1 thread unless --threads is given")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "results")
+    parser.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.seconds, args.repeats = 3, 0.02, 1
+    args.threads = args.threads or ("1" if args.quick else "1,2")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here.")
+    threads = [int(k) for k in args.threads.split(",")]
+    wanted = set(filter(None, args.files.split(",")))
+    if wanted - {e.file for e in ENTRIES}:
+        raise SystemExit(f"--files: {sorted(wanted - {e.file for e in ENTRIES})} not in ENTRIES "
+                         f"({', '.join(e.file for e in ENTRIES)}).")
+    entries = [e for e in ENTRIES if not wanted or e.file in wanted]
+    skipped = [e.file for e in entries if not (ALGORITHMS / e.file).is_file()]
+    entries = [e for e in entries if e.file not in skipped]
+    if not entries:
+        raise SystemExit("No algorithm file to measure.")
+
+    command = shlex.join(["python", "scripts/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    load_before = load_average()
+    common = {"device": args.device, "warmup": args.warmup, "seconds": args.seconds, "repeats": args.repeats,
+              "min_calls": 5}
+    peaks: Dict[int, Dict[int, float]] = {}
+    rows: List[Dict[str, Any]] = []
+    device_name = ""
+    for k in threads:
+        matmul = run_worker({**common, "kind": "matmul", "threads": k})
+        peaks[k] = {int(n): g for n, g in matmul["matmul_gflops"].items()}
+        device_name = matmul["device_name"] if args.device != "cpu" else ""
+        print(f"threads {k}: matmul " + ", ".join(f"{n}²: {g:.1f} GFLOP/s" for n, g in peaks[k].items()), flush=True)
+        for entry in entries:
+            for phase in entry.phases:
+                job = {**common, "kind": "update", "threads": k, "file": entry.file, "agent": entry.agent,
+                       "phase": phase, "base": entry.base}
+                rows.append(summarize(run_worker(job), peaks[k]))
+                r = rows[-1]
+                print(f"threads {k}: {r['file']} {phase}: {r['ms_per_update']:.2f} ms/update "
+                      f"({r['updates_per_second']:.0f}/s, {r['achieved_gflops']:.1f} GFLOP/s)", flush=True)
+    add_base_ratios(rows)
+
+    first = rows[0]
+    header = {
+        "Command": f"`{command}`",
+        "Commit": commit_label(),
+        "Date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "Machine": f"{cpu_model()}, {os.cpu_count()} cores" + (f"; GPU {device_name}" if device_name else ""),
+        "Software": f"torch {torch.__version__}, Python {platform.python_version()}",
+        "Load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",
+        "Setup": f"obs_dim {OBS_DIM}, act_dim {ACT_DIM}, each file's TrainConfig defaults ({first['config']}); "
+                 f"random batches (pool of {BATCH_POOL}); {args.warmup} warm-up updates, then {args.repeats} "
+                 f"timed run(s) of ~{args.seconds:g} s each (e.g. {first['updates_per_run']} updates for "
+                 f"{first['file']} {first['phase']} at {first['threads']} thread(s)); device {args.device}",
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out_dir / "throughput.csv", rows)
+    (args.out_dir / "throughput.md").write_text(markdown(rows, peaks, header, skipped))
+    print(f"wrote {args.out_dir / 'throughput.csv'} and {args.out_dir / 'throughput.md'}")
+
+
+if __name__ == "__main__":
+    main()
