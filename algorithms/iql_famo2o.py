@@ -107,7 +107,7 @@ class TrainConfig:
     iql_tau: float = 0.7
     # Inverse temperature beta of the advantage weights exp(beta * A) (the constant beta of famo2o_balance=fixed)
     iql_beta: float = 3.0
-    # Balance mode: adaptive (FamO2O), fixed (beta = iql_beta: IQL), random (beta ~ U[min, max] online)
+    # Balance mode: adaptive (FamO2O), fixed (beta = iql_beta: IQL), random (beta ~ U[min, max] when acting)
     famo2o_balance: str = "adaptive"
     # Lower end of the balance coefficient range (locomotion 1, AntMaze 8)
     famo2o_beta_min: float = 1.0
@@ -515,18 +515,19 @@ class MetricWindow:
 
     def __init__(self):
         self.sums: Dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: Dict[str, int] = {}  # per key: some metrics are not produced on every update
 
     def add(self, metrics: Dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.detach().clone()
-        self.count += 1
+            if key in self.sums:
+                self.sums[key].add_(value.detach())
+            else:
+                self.sums[key] = value.detach().clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self) -> Dict[str, Any]:
-        if self.count == 0:
-            return {}
-        means = {key: (value / self.count).cpu() for key, value in self.sums.items()}
-        self.sums, self.count = {}, 0
+        means = {key: (value / self.counts[key]).cpu() for key, value in self.sums.items()}
+        self.sums, self.counts = {}, {}
         return {key: value.item() if value.numel() == 1 else value.tolist() for key, value in means.items()}
 
 
@@ -535,10 +536,9 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, run_name: str, config: Any, start_iteration: int):
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["iteration"] <= start_iteration]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        for path in run_dir.glob("*.jsonl"):  # a resumed run drops what was logged after its checkpoint
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in records if r["iteration"] <= start_iteration))
         self.file = open(self.path, "a")
         self.wandb = None
         if config.wandb_mode != "disabled":
@@ -558,9 +558,20 @@ class RunLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
+            # Vectors are histograms over their metric's range, drawn on [0, 1] bins.
             values = {k: (wandb.Histogram(np_histogram=(v, np.linspace(0, 1, len(v) + 1))) if isinstance(v, list) else v)
                       for k, v in metrics.items()}
             self.wandb.log(values, step=iteration)
+
+    def scores(self) -> Tuple[Optional[float], Optional[float]]:
+        """(last evaluation of the offline phase, last evaluation) among the records logged so far."""
+        offline, last = None, None
+        for record in (json.loads(line) for line in self.path.read_text().splitlines()):
+            score = record.get("eval/normalized_score", record.get("eval/return_mean"))
+            if score is not None:
+                last = score
+                offline = score if record.get("phase") == 0 else offline
+        return offline, last
 
     def close(self) -> None:
         self.file.close()
@@ -579,8 +590,9 @@ def make_run_dir(config: Any) -> Tuple[Path, str]:
             f"Run directory {run_dir} already holds a run. Pass --resume true to continue it, or another --name."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "config.yaml", "w") as f:
-        pyrallis.dump(config, f)
+    if not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
+        with open(run_dir / "config.yaml", "w") as f:
+            pyrallis.dump(config, f)
     return run_dir, name
 
 
@@ -605,16 +617,34 @@ def save_checkpoint(path: Path, agent: Any, buffer: ReplayBuffer, collector: Onl
     )
 
 
-def load_checkpoint(path: str, config: Any, device: torch.device) -> Dict[str, Any]:
+def load_checkpoint(path: str, config: Any, transform: Transform) -> Dict[str, Any]:
+    """Tensors stay on the CPU: RNG states must, and load_state_dict moves the rest (on CUDA, Adam
+    step counters loaded onto the GPU would cost host syncs in every update)."""
     if not Path(path).is_file():
         raise UserError(f"Checkpoint '{path}' does not exist.")
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if checkpoint.get("algorithm") != ALGORITHM or checkpoint.get("env") != config.env:
         raise UserError(
             f"Checkpoint '{path}' was written by {checkpoint.get('algorithm')} on '{checkpoint.get('env')}', "
             f"but this run is {ALGORITHM} on '{config.env}'."
         )
+    stored = checkpoint["transform"]
+    if any(not np.allclose(stored[key], value) for key, value in asdict(transform).items()):
+        raise UserError(
+            f"Checkpoint '{path}' was trained with other state/reward normalisation constants than this run "
+            "computes (--normalize / --normalize_reward differ?); its networks would see differently scaled data."
+        )
     return checkpoint
+
+
+def load_agent_state(agent: Any, state: Dict[str, Any], path: str, fresh_schedule: bool) -> None:
+    try:
+        agent.load_state_dict(state, fresh_schedule)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise UserError(
+            f"Checkpoint '{path}' does not fit this run's networks (different --hidden_dim or --n_hidden?): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
 
 
 def run_main(train_fn: Callable[[Any], Any], config_class: type) -> None:
@@ -707,7 +737,8 @@ class UniversalPolicy(nn.Module):
 
     def forward(self, states: torch.Tensor, betas: torch.Tensor) -> torch.distributions.Normal:
         mean = torch.tanh(self.net(torch.cat([states, beta_embedding(betas)], dim=-1)))
-        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp())
+        # validate_args=False: argument checks would sync with the device on every update.
+        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp(), validate_args=False)
 
 
 class BalanceModel(nn.Module):
@@ -720,7 +751,8 @@ class BalanceModel(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.distributions.Normal:
         """Distribution of the pre-tanh variable."""
-        return torch.distributions.Normal(self.net(states).squeeze(-1), self.log_std.clamp(-10.0, 2.0).exp())
+        std = self.log_std.clamp(-10.0, 2.0).exp()
+        return torch.distributions.Normal(self.net(states).squeeze(-1), std, validate_args=False)
 
     def rsample(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, log pi_b(u | s) in tanh space, deterministic u = tanh(mean))."""
@@ -762,13 +794,9 @@ class FamO2OImplicitQLearning:
         self.qf_optimizer = make_adam(self.qf, config.qf_lr)
         self.vf_optimizer = make_adam(self.vf, config.vf_lr)
         self.actor_optimizer = make_adam(self.actor, config.actor_lr)
-        total = max(1, config.offline_iterations + config.online_iterations)
-        cosine = config.actor_lr_schedule == "cosine"
         if config.actor_lr_schedule not in ("constant", "cosine"):
             raise UserError(f"--actor_lr_schedule must be constant or cosine, not '{config.actor_lr_schedule}'.")
-        self.actor_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.actor_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0))) if cosine else 1.0
-        )
+        self.actor_scheduler = self.make_actor_scheduler()
         if config.famo2o_balance not in ("adaptive", "fixed", "random"):
             raise UserError(f"--famo2o_balance must be adaptive, fixed or random, not '{config.famo2o_balance}'.")
         if not config.famo2o_beta_min < config.famo2o_beta_max:
@@ -779,15 +807,30 @@ class FamO2OImplicitQLearning:
         self.balance_optimizer = make_adam(self.balance_model, config.famo2o_balance_lr)
         self.log_alpha = torch.tensor(math.log(config.famo2o_init_alpha), device=device, requires_grad=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.famo2o_alpha_lr)
+        # Random-mode acting draws from its own generator: evaluation must not move the training RNG.
+        self.acting_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.online = False
         self.total_updates = 0
+
+    def make_actor_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """constant, or cosine decay to 0 over this run's offline + online iterations (never climbs back)."""
+        total = max(1, self.config.offline_iterations + self.config.online_iterations)
+        cosine = self.config.actor_lr_schedule == "cosine"
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.actor_optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0))) if cosine else 1.0
+        )
+
+    def learning_rates(self) -> List[Tuple[torch.optim.Optimizer, float]]:
+        return [(self.qf_optimizer, self.config.qf_lr), (self.vf_optimizer, self.config.vf_lr),
+                (self.actor_optimizer, self.config.actor_lr), (self.balance_optimizer, self.config.famo2o_balance_lr),
+                (self.alpha_optimizer, self.config.famo2o_alpha_lr)]
 
     def to_beta(self, u: torch.Tensor) -> torch.Tensor:
         """Balance mapping: u in (-1, 1) -> beta in (beta_min, beta_max)."""
         return self.beta_min + (u + 1.0) / 2.0 * (self.beta_max - self.beta_min)
 
-    def uniform_betas(self, n: int) -> torch.Tensor:
-        return self.beta_min + (self.beta_max - self.beta_min) * torch.rand(n, device=self.device)
+    def uniform_betas(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.beta_min + (self.beta_max - self.beta_min) * torch.rand(n, device=self.device, generator=generator)
 
     def update_betas(self, states: torch.Tensor) -> torch.Tensor:
         """beta of each sample in the universal policy's update: uniform offline, from the pre-step
@@ -804,7 +847,7 @@ class FamO2OImplicitQLearning:
         if self.balance_mode == "fixed":
             return torch.full((states.shape[0],), self.config.iql_beta, device=self.device)
         if self.balance_mode == "random":
-            return self.uniform_betas(states.shape[0])
+            return self.uniform_betas(states.shape[0], self.acting_generator)
         return self.to_beta(self.balance_model.mode(states))
 
     def update_balance(self, states: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -819,6 +862,7 @@ class FamO2OImplicitQLearning:
         for parameter, grad in zip(parameters, torch.autograd.grad(balance_loss, parameters)):
             parameter.grad = grad
         self.balance_optimizer.step()
+        self.balance_optimizer.zero_grad(set_to_none=True)
 
         entropy = -log_probs.detach().mean()
         alpha_loss = alpha * (entropy - self.config.famo2o_target_entropy)
@@ -909,17 +953,28 @@ class FamO2OImplicitQLearning:
             "balance_optimizer": self.balance_optimizer.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(),
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "acting_generator": self.acting_generator.get_state(),
             "online": self.online,
             "total_updates": self.total_updates,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], fresh_schedule: bool = False) -> None:
+        """fresh_schedule: fine-tuning a loaded model, so this run's learning rates and LR schedule
+        apply; otherwise (resuming) the checkpoint's."""
         for key in ("qf", "q_target", "vf", "actor", "qf_optimizer", "vf_optimizer", "actor_optimizer",
-                    "actor_scheduler", "balance_model", "balance_optimizer", "alpha_optimizer"):
+                    "balance_model", "balance_optimizer", "alpha_optimizer"):
             getattr(self, key).load_state_dict(state[key])
         with torch.no_grad():  # in place: the temperature optimizer keeps holding this very tensor
             self.log_alpha.copy_(state["log_alpha"])
+        self.acting_generator.set_state(state["acting_generator"])
         self.online, self.total_updates = state["online"], state["total_updates"]
+        if not fresh_schedule:
+            self.actor_scheduler.load_state_dict(state["actor_scheduler"])
+            return
+        for optimizer, lr in self.learning_rates():
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = lr
+        self.actor_scheduler = self.make_actor_scheduler()
 
 
 def train(config: TrainConfig) -> Path:
@@ -943,22 +998,23 @@ def train(config: TrainConfig) -> Path:
     start = 0
     checkpoint_path = run_dir / "checkpoint.pt"
     if config.resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(str(checkpoint_path), config, device)
-        agent.load_state_dict(checkpoint["agent"])
+        checkpoint = load_checkpoint(str(checkpoint_path), config, transform)
+        load_agent_state(agent, checkpoint["agent"], str(checkpoint_path), fresh_schedule=False)
         buffer.load_online_state_dict(checkpoint["buffer"])
         collector.load_state_dict(checkpoint["collector"])
         set_rng_state(checkpoint["rng"])
         start = checkpoint["iteration"]
         print(f"Resuming {run_dir} at iteration {start} with {buffer.n_online} online transitions.")
     elif config.load_model:
-        agent.load_state_dict(load_checkpoint(config.load_model, config, device)["agent"])
+        checkpoint = load_checkpoint(config.load_model, config, transform)
+        load_agent_state(agent, checkpoint["agent"], config.load_model, fresh_schedule=True)
         agent.online = False  # the switch block below runs for every fine-tuning run
         print(f"Loaded {config.load_model}.")
 
     logger = RunLogger(run_dir, run_name, config, start)
     total = config.offline_iterations + config.online_iterations
     window = MetricWindow()
-    scores: Dict[str, Optional[float]] = {"offline": None, "last": None}
+    scores: Dict[str, Optional[float]] = dict(zip(("offline", "last"), logger.scores()))  # resumed runs
 
     def evaluate_and_log(iteration: int) -> float:
         returns = evaluate(eval_env, lambda s: agent.act(s, deterministic=True), transform,
@@ -1034,8 +1090,10 @@ def train(config: TrainConfig) -> Path:
     if start < total:
         family_evaluation(total)
     logger.close()
-    print(f"{ALGORITHM} on {config.env}: score after offline phase {scores['offline']}, final score {scores['last']}"
-          f" (normalized x100 when the dataset has reference scores). Run directory: {run_dir}")
+    unit = "normalized score" if references is not None else "return"
+    before, after = ("n/a" if scores[k] is None else f"{scores[k]:.2f}" for k in ("offline", "last"))
+    print(f"{ALGORITHM} on {config.env}: {unit} after the offline phase {before}, after fine-tuning {after}. "
+          f"Run directory: {run_dir}")
     return run_dir
 
 

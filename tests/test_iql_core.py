@@ -160,3 +160,114 @@ def test_buffer_keeps_offline_rows_and_samples_the_union(module):
     sampled = torch.cat([buffer.sample(256).rewards for _ in range(40)])
     counts = torch.stack([(sampled == r).sum() for r in rewards])
     assert counts.min() > 0.7 * counts.float().mean()  # every row, offline and online, is drawn
+
+
+def networks(agent):
+    nets = {"qf": agent.qf, "vf": agent.vf, "actor": agent.actor}
+    if hasattr(agent, "balance_model"):
+        nets["balance"] = agent.balance_model
+    return nets
+
+
+def test_each_loss_reaches_only_its_own_network(module):
+    """Every network's parameters receive exactly one gradient per update, from its own loss."""
+    agent = make_agent(module)
+    calls = {}
+    for name, net in networks(agent).items():
+        calls[name] = 0
+        for p in net.parameters():
+            p.register_hook(lambda grad, name=name: calls.__setitem__(name, calls[name] + 1))
+    agent.update(random_batch(module))
+    assert calls == {name: len(list(net.parameters())) for name, net in networks(agent).items()}
+
+
+def all_state(agent):
+    tensors = [p.detach().clone() for net in networks(agent).values() for p in net.parameters()]
+    tensors += [p.detach().clone() for p in agent.q_target.parameters()]
+    if hasattr(agent, "log_alpha"):
+        tensors.append(agent.log_alpha.detach().clone())
+    return tensors
+
+
+def test_state_dict_round_trip_continues_training_identically(module):
+    """An agent restored from a state dict trains exactly like the original (optimizer moments,
+    temperatures still held by their optimizers, counters): CORL's reload bug would break this."""
+    original = make_agent(module)
+    for seed in range(3):
+        original.update(random_batch(module, seed))
+    state = copy.deepcopy(original.state_dict())
+    torch.manual_seed(123)
+    restored = type(original)(original.config, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    restored.load_state_dict(state)
+    if hasattr(restored, "log_alpha"):
+        assert restored.alpha_optimizer.param_groups[0]["params"][0] is restored.log_alpha
+    for agent in (original, restored):
+        torch.manual_seed(7)
+        for seed in range(3, 6):
+            agent.update(random_batch(module, seed))
+    for a, b in zip(all_state(original), all_state(restored)):
+        assert torch.equal(a, b)
+    assert restored.total_updates == original.total_updates == 6
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_fine_tuning_uses_this_runs_learning_rates_and_schedule(module):
+    pretrained = make_agent(module, actor_lr_schedule="cosine", offline_iterations=100, online_iterations=0)
+    for seed in range(100):
+        pretrained.actor_scheduler.step()  # as after 100 offline updates: the cosine reached 0
+    assert pretrained.actor_optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    finetune = make_agent(module, actor_lr_schedule="cosine", offline_iterations=0, online_iterations=100,
+                          qf_lr=1e-4)
+    finetune.load_state_dict(copy.deepcopy(pretrained.state_dict()), fresh_schedule=True)
+    assert finetune.actor_optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+    assert finetune.qf_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    finetune.update(random_batch(module))
+    assert 0 < finetune.actor_optimizer.param_groups[0]["lr"] < 3e-4
+
+
+def test_evaluation_seeds_and_normalized_score(module):
+    class RecordingEnv:
+        seeds = []
+
+        def reset(self, seed):
+            self.seeds.append(seed)
+            return np.zeros(2), {}
+
+        def step(self, action):
+            return np.zeros(2), 1.5, True, False, {}
+
+    transform = module.Transform(np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(1, np.float32), 1.0, 0.0)
+    returns = module.evaluate(RecordingEnv(), lambda s: np.zeros(1), transform, episodes=3, seed=7)
+    assert RecordingEnv.seeds == [7, 8, 9] and returns.tolist() == [1.5, 1.5, 1.5]
+    assert module.normalized_score(np.array([-10.0 + 0.5 * 110.0]), (-10.0, 100.0)) == pytest.approx(50.0)
+    assert module.normalized_score(np.array([1.0]), None) is None
+
+
+def test_metric_window_averages_each_key_over_its_own_count(module):
+    window = module.MetricWindow()
+    for step in range(4):
+        metrics = {"every": torch.tensor(float(step))}
+        if step % 2 == 0:
+            metrics["sometimes"] = torch.tensor(10.0 + step)
+            metrics["hist"] = torch.tensor([1.0, 0.0])
+        window.add(metrics)
+    assert window.flush() == {"every": 1.5, "sometimes": 11.0, "hist": [1.0, 0.0]}
+    assert window.flush() == {}
+
+
+def test_checkpoints_load_onto_the_cpu(module, tmp_path):
+    agent = make_agent(module)
+    agent.update(random_batch(module))
+    buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, 10, torch.device("cpu"))
+    transform = module.Transform(np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32),
+                                 np.ones(ACT_DIM, np.float32), 1.0, 0.0)
+    collector = module.OnlineCollector(None, transform, buffer, seed=0)
+    config = agent.config
+    module.save_checkpoint(tmp_path / "c.pt", agent, buffer, collector, transform, 1, config)
+    checkpoint = module.load_checkpoint(str(tmp_path / "c.pt"), config, transform)
+    assert checkpoint["rng"]["torch"].is_cpu
+    assert all(s["step"].is_cpu for s in checkpoint["agent"]["qf_optimizer"]["state"].values())
+    other = module.Transform(np.ones(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32),
+                             np.ones(ACT_DIM, np.float32), 1.0, 0.0)
+    with pytest.raises(module.UserError, match="normalisation constants"):
+        module.load_checkpoint(str(tmp_path / "c.pt"), config, other)

@@ -194,3 +194,38 @@ def test_fixed_mode_reduces_to_iql(load_algorithm, famo2o):
     family_broadcast.config = famo2o.TrainConfig(**{**family.config.__dict__, "famo2o_official_broadcast": True})
     assert family_broadcast.update(batch)["train/actor_loss"].item() == pytest.approx(
         copy.deepcopy(family).update(batch)["train/actor_loss"].item(), rel=1e-6)
+
+
+def test_online_betas_are_stochastic_samples(famo2o):
+    agent = make_agent(famo2o)
+    agent.online = True
+    state = torch.randn(1, OBS_DIM).expand(256, -1)
+    first, second = agent.update_betas(state), agent.update_betas(state)
+    assert first.std() > 0.1 and not torch.equal(first, second)
+
+
+def test_balance_temperature_uses_the_pre_step_entropy(famo2o):
+    agent = make_agent(famo2o)
+    states = random_batch(famo2o).states
+    torch.manual_seed(11)
+    _, log_probs, _ = agent.balance_model.rsample(states)
+    entropy = -log_probs.mean().item()
+    before = agent.log_alpha.item()
+    torch.manual_seed(11)
+    metrics = agent.update_balance(states)
+    assert metrics["famo2o/balance_entropy"].item() == pytest.approx(entropy, rel=1e-6)
+    # Adam's first step moves by lr * sign(gradient); the gradient is alpha * (H - H_target).
+    step = -3e-4 * math.copysign(1, entropy - agent.config.famo2o_target_entropy)
+    assert agent.log_alpha.item() - before == pytest.approx(step, rel=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden:UserWarning")
+def test_balance_step_precedes_the_actor_step(famo2o):
+    agent = make_agent(famo2o)
+    order = []
+    for name in ("balance_optimizer", "actor_optimizer", "vf_optimizer", "qf_optimizer"):
+        optimizer = getattr(agent, name)
+        step = optimizer.step
+        optimizer.step = lambda *a, name=name, step=step, **k: order.append(name) or step(*a, **k)
+    agent.update(random_batch(famo2o))
+    assert order == ["vf_optimizer", "balance_optimizer", "actor_optimizer", "qf_optimizer"]

@@ -41,7 +41,7 @@ def test_offline_switch_online_checkpoint_and_resume(name, train_script, tmp_pat
     assert checkpoint["agent"]["online"] is True and load(run_dir / "offline.pt")["agent"]["online"] is False
     records = read_metrics(run_dir)
     assert {r["phase"] for r in records if "phase" in r} == {0, 1}
-    assert "score after offline phase" in first.stdout
+    assert "normalized score after the offline phase" in first.stdout
 
     # ... continues from its checkpoint: counters go on and no online transition is lost.
     second = train_script(name, tmp_path, "--name", "run", "--resume", "true")
