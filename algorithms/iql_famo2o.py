@@ -322,39 +322,34 @@ class Transform:
 
 
 def fit_transform(
-    data: Dict[str, np.ndarray],
-    episode_returns: np.ndarray,
-    action_high: np.ndarray,
-    max_episode_steps: int,
-    dataset_id: str,
-    normalize: bool,
-    normalize_reward: bool,
-    extra_reward_scale: float = 1.0,
-    extra_reward_bias: float = 0.0,
+    data: Dict[str, np.ndarray], episode_returns: np.ndarray, env: gym.Env, config: Any
 ) -> Transform:
-    """Constants come from the offline data only and are reused unchanged online."""
+    """Constants come from the offline data only and are reused unchanged online. Reward: the
+    normalisation of `normalize_reward` (locomotion: max_episode_steps / return range; AntMaze:
+    r - 1), then `reward_scale` and `reward_bias` where the config has them (CQL)."""
     obs_dim = data["states"].shape[1]
     mean, std = np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32)
-    if normalize:
+    if config.normalize:
         mean = data["states"].mean(0).astype(np.float32)
         std = (data["states"].std(0) + 1e-3).astype(np.float32)
     scale, bias = 1.0, 0.0
-    if normalize_reward and "antmaze" in dataset_id:
+    if config.normalize_reward and "antmaze" in config.env:
         bias = -1.0
-    elif normalize_reward:
+    elif config.normalize_reward:
         spread = float(episode_returns.max() - episode_returns.min())
         if spread <= 0:
             raise UserError(
-                f"Dataset '{dataset_id}': every episode has the same return, so rewards cannot be normalised "
+                f"Dataset '{config.env}': every episode has the same return, so rewards cannot be normalised "
                 "by the return range; pass --normalize_reward false."
             )
-        scale = max_episode_steps / spread
+        scale = (env.spec.max_episode_steps or 1000) / spread
+    extra_scale, extra_bias = getattr(config, "reward_scale", 1.0), getattr(config, "reward_bias", 0.0)
     return Transform(
         state_mean=mean,
         state_std=std,
-        action_scale=np.asarray(action_high, np.float32),
-        reward_scale=scale * extra_reward_scale,
-        reward_bias=bias * extra_reward_scale + extra_reward_bias,
+        action_scale=np.asarray(env.action_space.high, np.float32),
+        reward_scale=scale * extra_scale,
+        reward_bias=bias * extra_scale + extra_bias,
     )
 
 
@@ -985,8 +980,7 @@ def train(config: TrainConfig) -> Path:
     data, episode_returns = flatten_episodes(dataset)
     env, eval_env = make_environments(dataset, data)
     references = reference_scores(dataset)
-    transform = fit_transform(data, episode_returns, env.action_space.high, env.spec.max_episode_steps,
-                              config.env, config.normalize, config.normalize_reward)
+    transform = fit_transform(data, episode_returns, env, config)
     obs_dim, act_dim = data["states"].shape[1], data["actions"].shape[1]
     run_dir, run_name = make_run_dir(config)
     set_seed(config.seed)

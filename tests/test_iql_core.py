@@ -120,7 +120,8 @@ def test_reward_and_state_transform_identical_offline_and_online(module, hopper_
     dataset = minari.load_dataset(hopper_dataset)
     data, returns = module.flatten_episodes(dataset)
     env, _ = module.make_environments(dataset, data)
-    transform = module.fit_transform(data, returns, env.action_space.high, 1000, hopper_dataset, True, True)
+    config = module.TrainConfig(env=hopper_dataset, normalize=True, normalize_reward=True)
+    transform = module.fit_transform(data, returns, env, config)
     # The reward scale is 1000 / (return range) of the offline episodes.
     assert transform.reward_scale == pytest.approx(1000 / (returns.max() - returns.min()))
     offline = transform.dataset(data)
