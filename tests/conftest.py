@@ -38,7 +38,7 @@ import make_datasets  # noqa: E402  (found through the sys.path entry above)
 TEST_NAMESPACE = "o2o-test"
 TINY_SIZE = 2000
 TINY_SEED = 0
-ALGORITHMS = ["iql", "iql_famo2o"]
+ALGORITHMS = ["iql", "iql_famo2o", "cql", "cql_famo2o"]
 # Budgets that exercise every phase in seconds: offline, switch, online, evaluation, checkpoints.
 TINY_TRAIN_ARGS = [
     "--offline_iterations", "60", "--online_iterations", "60", "--eval_freq", "40", "--eval_episodes", "1",

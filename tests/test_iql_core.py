@@ -272,3 +272,25 @@ def test_checkpoints_load_onto_the_cpu(module, tmp_path):
                              np.ones(ACT_DIM, np.float32), 1.0, 0.0)
     with pytest.raises(module.UserError, match="normalisation constants"):
         module.load_checkpoint(str(tmp_path / "c.pt"), config, other)
+
+
+def test_collector_reports_finished_episodes_and_restarts(module, hopper_dataset):
+    import minari
+
+    dataset = minari.load_dataset(hopper_dataset)
+    data, returns = module.flatten_episodes(dataset)
+    env, _ = module.make_environments(dataset, data)
+    config = module.TrainConfig(env=hopper_dataset)
+    transform = module.fit_transform(data, returns, env, config)
+    buffer = module.ReplayBuffer(data["states"].shape[1], data["actions"].shape[1], 5000, torch.device("cpu"))
+    collector = module.OnlineCollector(env, transform, buffer, seed=0)
+    finished, total_return = [], 0.0
+    for _ in range(2000):  # Hopper falls within a few dozen steps under full-scale actions
+        episode = collector.step(lambda state: np.ones(3, np.float32))
+        if episode is not None:
+            finished.append(episode)
+        if len(finished) == 2:
+            break
+    assert len(finished) == 2 and collector.episodes == 2
+    assert sum(e["train/episode_length"] for e in finished) == buffer.online_added
+    assert buffer.rows[: buffer.n_online, -1].sum().item() == 2  # both ended by termination

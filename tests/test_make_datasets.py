@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+
 import gymnasium as gym
 import minari
 import numpy as np
 import pytest
-from make_datasets import D4RL_REF_SCORES, UserError, build_dataset, dataset_id_for
+import sac
+import torch
+from make_datasets import D4RL_REF_SCORES, BuildOptions, UserError, build_dataset, dataset_id_for, reference_source
 
 from conftest import TINY_SEED, TINY_SIZE
 
@@ -146,9 +152,18 @@ def test_a_failed_write_leaves_nothing_under_the_final_id(monkeypatch, minari_st
     assert not list(minari_store.glob(".staging-*"))
 
 
-def test_other_envs_need_reference_scores():
-    with pytest.raises(UserError, match="--ref-min-score"):
-        build_dataset("Swimmer-v5", "random", 100, 0, "o2o-test")
+def test_reference_sources():
+    assert reference_source("Hopper-v5", BuildOptions()) == "d4rl"
+    assert reference_source("Hopper-v5", BuildOptions(measure_references=True)) == "measured"
+    assert reference_source("Swimmer-v5", BuildOptions()) == "measured"  # no published scale: measured by default
+    assert reference_source("Swimmer-v5", BuildOptions(ref_min=0.0, ref_max=360.0)) == "given"
+    with pytest.raises(UserError, match="both"):
+        reference_source("Swimmer-v5", BuildOptions(ref_min=0.0))
+    with pytest.raises(UserError, match="do not also give"):
+        reference_source("Swimmer-v5", BuildOptions(ref_min=0.0, ref_max=1.0, measure_references=True))
+
+
+def test_other_envs_with_given_reference_scores():
     with pytest.raises(UserError, match="both"):
         build_dataset("Swimmer-v5", "random", 100, 0, "o2o-test", ref_min=0.0)
     dataset_id = build_dataset("Swimmer-v5", "random", 100, 0, "o2o-test", ref_min=0.0, ref_max=360.0)
@@ -202,3 +217,210 @@ def test_empty_dataset_loads_with_no_episodes(empty_dataset):
     dataset = minari.load_dataset(empty_dataset)
     assert dataset.total_episodes == 0 and dataset.total_steps == 0
     assert load_episodes(empty_dataset) == []
+
+
+# --- SAC levels: medium, medium-replay, expert, medium-expert -----------------------------------
+# One quick build on InvertedPendulum-v5 (4-dim observations, actions in [-3, 3], terminates when
+# the pole falls), whose reference scores are measured (the default outside the D4RL four). Medium
+# is the first evaluation reaching the return 20 (a lowered threshold; --quick trains 3000 steps).
+
+QUICK_SAC_ARGS = ("--env", "InvertedPendulum-v5", "--quick", "--medium-return", "20", "--size", "1000")
+SAC_LEVELS = ("medium", "medium-replay", "expert", "medium-expert")
+
+
+def builder_dir(store, namespace: str):
+    return store / namespace / "_builder"
+
+
+def read_manifest(store, namespace: str) -> dict:
+    return json.loads((builder_dir(store, namespace) / "manifest.json").read_text())["datasets"]
+
+
+def sac_checkpoint(store, namespace: str) -> dict:
+    (path,) = builder_dir(store, namespace).glob("invertedpendulum/sac-seed0-*/checkpoint.pt")
+    return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def sac_build(run_script, minari_store):
+    """The five InvertedPendulum levels in namespace o2o-test-sac; returns the manifest's datasets."""
+    result = run_script(SCRIPT, *QUICK_SAC_ARGS, "--namespace", "o2o-test-sac")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for level in ("random", *SAC_LEVELS):
+        assert f"o2o-test-sac/invertedpendulum/{level}-v0" in result.stdout  # the summary table
+    return read_manifest(minari_store, "o2o-test-sac")
+
+
+def assert_replays(dataset_id: str) -> None:
+    """Reset with each episode's stored seed and step its actions: every observation (the next
+    observation of step t is observation t+1), reward and termination is reproduced."""
+    dataset = minari.load_dataset(dataset_id)
+    seeds = [meta["seed"] for meta in dataset.storage.get_episode_metadata(dataset.episode_indices)]
+    env = dataset.recover_environment()
+    for seed, episode in zip(seeds, dataset.iterate_episodes()):
+        obs, _ = env.reset(seed=int(seed))
+        np.testing.assert_array_equal(obs, episode.observations[0])
+        for t, action in enumerate(episode.actions):
+            obs, reward, terminated, truncated, _ = env.step(action)
+            np.testing.assert_array_equal(obs, episode.observations[t + 1])
+            assert reward == episode.rewards[t] and terminated == episode.terminations[t]
+
+
+def test_sac_levels_load_back_with_their_manifest(sac_build, minari_store):
+    references = json.loads((builder_dir(minari_store, "o2o-test-sac") / "invertedpendulum/references.json").read_text())
+    assert references["episodes"] == 5 and references["ref_max_score"] > references["ref_min_score"]
+    for level in ("random", *SAC_LEVELS):
+        dataset_id = f"o2o-test-sac/invertedpendulum/{level}-v0"
+        entry, dataset = sac_build[dataset_id], minari.load_dataset(dataset_id)
+        episodes = list(dataset.iterate_episodes())
+        # one normalization scale for every level, the measured one
+        assert entry["reference_source"] == "measured"
+        assert dataset.storage.metadata["ref_min_score"] == references["ref_min_score"] == entry["ref_min_score"]
+        assert dataset.storage.metadata["ref_max_score"] == references["ref_max_score"] == entry["ref_max_score"]
+        # the manifest describes the stored data
+        returns = np.array([episode.rewards.sum() for episode in episodes])
+        assert entry["transitions"] == dataset.total_steps == sum(len(episode) for episode in episodes)
+        assert entry["episodes"] == len(episodes)
+        assert entry["normalized_score"] == pytest.approx(100 * minari.get_normalized_score(dataset, returns).mean())
+        assert entry["return_mean"] == pytest.approx(returns.mean())
+        data_dir = minari_store / dataset_id / "data"
+        assert entry["sha256"] == hashlib.sha256((data_dir / "main_data.hdf5").read_bytes()).hexdigest()
+        assert entry["size_bytes"] == sum(path.stat().st_size for path in data_dir.iterdir())
+        assert entry["seed"] == 0 and "--quick" in entry["command"]
+        assert {"gymnasium", "mujoco", "minari"} <= set(entry["versions"])
+        # episode boundaries: terminated or truncated at the last step only, never both
+        for episode in episodes:
+            assert episode.observations.shape == (len(episode) + 1, 4) and episode.observations.dtype == np.float64
+            assert episode.terminations[-1] != episode.truncations[-1]
+            assert not episode.terminations[:-1].any() and not episode.truncations[:-1].any()
+            assert np.all(np.abs(episode.actions) <= 3.0)
+        assert any(episode.terminations[-1] for episode in episodes)  # the pole falls: real terminations
+    for level in ("random", "medium", "medium-replay", "expert"):  # medium-expert holds the same episodes
+        assert_replays(f"o2o-test-sac/invertedpendulum/{level}-v0")
+
+
+def test_medium_is_the_first_evaluation_reaching_the_threshold(sac_build, minari_store):
+    checkpoint = sac_checkpoint(minari_store, "o2o-test-sac")
+    first = next(e for e in checkpoint["evals"] if e["return_mean"] >= 20)
+    medium = sac_build["o2o-test-sac/invertedpendulum/medium-v0"]["behaviour_policy"]["medium"]
+    assert medium["sac_step"] == first["step"] and medium["medium_threshold"] == 20
+    assert medium["eval_return_mean"] == first["return_mean"]
+    # medium-replay: every transition of the run before that evaluation, warm-up included
+    replay = load_episodes("o2o-test-sac/invertedpendulum/medium-replay-v0")
+    assert sum(len(episode) for episode in replay) == first["step"]
+    assert replay[-1].truncations[-1] or replay[-1].terminations[-1]
+    # expert: the policy after the whole budget, which the run finished
+    expert = sac_build["o2o-test-sac/invertedpendulum/expert-v0"]["behaviour_policy"]["expert"]
+    assert expert["sac_step"] == 3000 and checkpoint["step"] >= 3000
+    # medium-expert: the medium episodes, then the expert episodes
+    combined = load_episodes("o2o-test-sac/invertedpendulum/medium-expert-v0")
+    parts = load_episodes("o2o-test-sac/invertedpendulum/medium-v0") + load_episodes("o2o-test-sac/invertedpendulum/expert-v0")
+    assert len(combined) == len(parts)
+    for a, b in zip(combined, parts):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_policy_checkpoint_reproduces_the_expert_actions(sac_build, minari_store):
+    entry = sac_build["o2o-test-sac/invertedpendulum/expert-v0"]["behaviour_policy"]["expert"]
+    actor, scaler = sac.load_policy(builder_dir(minari_store, "o2o-test-sac") / entry["path"])
+    generator = torch.Generator().manual_seed(sac.derived_seed(0, "rollout/expert"))
+    episode = load_episodes("o2o-test-sac/invertedpendulum/expert-v0")[0]
+    for obs, action in zip(episode.observations, episode.actions):
+        np.testing.assert_array_equal(sac.to_env_action(actor.act(obs, False, generator), scaler), action)
+
+
+def test_an_interrupted_build_resumes_to_the_same_datasets(sac_build, run_script, minari_store):
+    namespace = "o2o-test-sac-resume"
+    first = run_script(SCRIPT, *QUICK_SAC_ARGS, "--namespace", namespace, "--stop-after-checkpoints", "1")
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "run the same command again to resume" in first.stderr and "Traceback" not in first.stderr
+    assert 1000 <= sac_checkpoint(minari_store, namespace)["step"] < 3000  # killed mid-training
+    assert not (minari_store / namespace / "invertedpendulum").exists()  # no dataset under a final id
+    second = run_script(SCRIPT, *QUICK_SAC_ARGS, "--namespace", namespace)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = read_manifest(minari_store, namespace)
+    for level in ("random", *SAC_LEVELS):
+        a, b = sac_build[f"o2o-test-sac/invertedpendulum/{level}-v0"], resumed[f"{namespace}/invertedpendulum/{level}-v0"]
+        assert a["sha256"] == b["sha256"], level  # the same bytes: HDF5 files hold no time stamps
+        assert a["behaviour_policy"] == b["behaviour_policy"] or level == "random"
+    assert_same_episodes("o2o-test-sac/invertedpendulum/medium-replay-v0", f"{namespace}/invertedpendulum/medium-replay-v0")
+    assert not list(minari_store.glob(".staging-*"))
+
+
+def test_cli_unwritable_store_is_a_clean_error(run_script, monkeypatch, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(not_a_directory / "store"))
+    assert_user_error(run_script(SCRIPT, "--env", "Hopper-v5", "--quick", "--levels", "medium"), "MINARI_DATASETS_PATH")
+
+
+def test_cli_unreachable_medium_is_a_clean_error(run_script):
+    result = run_script(SCRIPT, "--env", "InvertedPendulum-v5", "--quick", "--levels", "medium", "--medium-return",
+                        "5000", "--expert-steps", "1000", "--ref-min-score", "0", "--ref-max-score", "1000",
+                        "--namespace", "o2o-test-unreachable")
+    assert_user_error(result, "did not reach the medium return 5000.0", "--expert-steps")
+
+
+# --- the SAC agent -------------------------------------------------------------------------------
+
+
+def test_twin_critics_are_two_independent_mlps():
+    torch.manual_seed(0)
+    critic = sac.TwinQ(obs_dim=5, act_dim=2, hidden_dim=16)
+    obs, action = torch.randn(7, 5), torch.randn(7, 2)
+    q = critic(obs, action)
+    assert q.shape == (2, 7)
+    for i in range(2):  # each critic is relu(relu(x W1 + b1) W2 + b2) W3 + b3 with its own weights
+        x = torch.cat([obs, action], dim=1)
+        for layer, (weight, bias) in enumerate(zip(critic.weights, critic.biases)):
+            x = x @ weight[i] + bias[i]
+            x = torch.relu(x) if layer < 2 else x
+        torch.testing.assert_close(q[i], x.squeeze(1))
+    q[0].sum().backward()
+    assert all(weight.grad[1].abs().sum() == 0 and weight.grad[0].abs().sum() > 0 for weight in critic.weights)
+    critic.zero_grad()
+    action.requires_grad_(True)  # the actor loss: gradients reach the action, not the critics
+    critic(obs, action, detach_params=True).sum().backward()
+    assert all(weight.grad is None or weight.grad.abs().sum() == 0 for weight in critic.weights)
+    assert action.grad.abs().sum() > 0
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = sac.Actor(obs_dim=5, act_dim=3, hidden_dim=16)
+    obs = torch.randn(64, 5)
+    generator = torch.Generator().manual_seed(1)
+    action, log_prob = actor.sample(obs, generator)
+    mean, log_std = actor(obs)
+    reference = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform(cache_size=1)])
+    clipped = action.clamp(-1 + 1e-6, 1 - 1e-6)
+    torch.testing.assert_close(log_prob, reference.log_prob(clipped).sum(-1), rtol=1e-3, atol=1e-3)
+    assert action.abs().max() <= 1 and sac.LOG_STD_MIN <= log_std.min() and log_std.max() <= sac.LOG_STD_MAX
+
+
+def test_sac_update_moves_every_network_and_restores_exactly():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    agent = sac.SAC(obs_dim=5, act_dim=2, config=sac.SACConfig(hidden_dim=16), generator=generator)
+    batch = (torch.randn(32, 5), torch.rand(32, 2) * 2 - 1, torch.randn(32), torch.randn(32, 5),
+             (torch.rand(32) < 0.1).float())
+    before = copy.deepcopy(agent.state_dict())
+    info = agent.update(*batch)
+    assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in info.values())
+    after = agent.state_dict()
+    for name in ("actor", "critic", "critic_target"):
+        assert all(not torch.equal(before[name][key], after[name][key]) for key in after[name]), name
+    assert not torch.equal(before["log_alpha"], after["log_alpha"])
+    # a copy restored from the state dict and the generator state makes the same next update
+    state, generator_state = copy.deepcopy(agent.state_dict()), generator.get_state()
+    clone_generator = torch.Generator().manual_seed(123)
+    clone = sac.SAC(obs_dim=5, act_dim=2, config=sac.SACConfig(hidden_dim=16), generator=clone_generator)
+    clone.load_state_dict(state)
+    clone_generator.set_state(generator_state)
+    agent.update(*batch)
+    clone.update(*batch)
+    for name in ("actor", "critic", "critic_target"):
+        for key, value in agent.state_dict()[name].items():
+            assert torch.equal(value, clone.state_dict()[name][key])
