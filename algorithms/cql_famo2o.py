@@ -723,11 +723,13 @@ class TanhGaussianPolicy(nn.Module):
 BETA_EMBEDDING_DIM = 6
 
 
+BETA_FREQUENCIES = [10000.0 ** (-2 * k / BETA_EMBEDDING_DIM) for k in range(BETA_EMBEDDING_DIM // 2)]
+
+
 def beta_embedding(betas: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding of beta (official family_utils.py): for k = 0, 1, 2,
     [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6)."""
-    k = torch.arange(BETA_EMBEDDING_DIM // 2, device=betas.device, dtype=betas.dtype)
-    angles = betas.unsqueeze(-1) / 10000.0 ** (2 * k / BETA_EMBEDDING_DIM)
+    angles = betas.unsqueeze(-1) * betas.new_tensor(BETA_FREQUENCIES)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 

@@ -713,7 +713,7 @@ def awr_weights(advantages: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def make_adam(module: nn.Module, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam(module.parameters(), lr=lr)
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
 class ImplicitQLearning:

@@ -713,11 +713,13 @@ class ValueFunction(nn.Module):
 BETA_EMBEDDING_DIM = 6
 
 
+BETA_FREQUENCIES = [10000.0 ** (-2 * k / BETA_EMBEDDING_DIM) for k in range(BETA_EMBEDDING_DIM // 2)]
+
+
 def beta_embedding(betas: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding of beta (official family_utils.py): for k = 0, 1, 2,
     [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6)."""
-    k = torch.arange(BETA_EMBEDDING_DIM // 2, device=betas.device, dtype=betas.dtype)
-    angles = betas.unsqueeze(-1) / 10000.0 ** (2 * k / BETA_EMBEDDING_DIM)
+    angles = betas.unsqueeze(-1) * betas.new_tensor(BETA_FREQUENCIES)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
@@ -730,10 +732,18 @@ class UniversalPolicy(nn.Module):
         self.net = mlp(obs_dim + BETA_EMBEDDING_DIM, act_dim, hidden_dim, n_hidden)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
-    def forward(self, states: torch.Tensor, betas: torch.Tensor) -> torch.distributions.Normal:
-        mean = torch.tanh(self.net(torch.cat([states, beta_embedding(betas)], dim=-1)))
+    def forward(self, states: torch.Tensor, betas: torch.Tensor, detached: bool = False) -> torch.distributions.Normal:
+        """detached: read the weights without letting gradients reach them (the balance model's loss
+        differentiates through pi_u's input only)."""
+        x = torch.cat([states, beta_embedding(betas)], dim=-1)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear) and detached:
+                x = F.linear(x, layer.weight.detach(), layer.bias.detach())
+            else:
+                x = layer(x)
+        log_std = self.log_std.detach() if detached else self.log_std
         # validate_args=False: argument checks would sync with the device on every update.
-        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp(), validate_args=False)
+        return torch.distributions.Normal(torch.tanh(x), log_std.clamp(-5.0, 2.0).exp(), validate_args=False)
 
 
 class BalanceModel(nn.Module):
@@ -749,12 +759,17 @@ class BalanceModel(nn.Module):
         std = self.log_std.clamp(-10.0, 2.0).exp()
         return torch.distributions.Normal(self.net(states).squeeze(-1), std, validate_args=False)
 
+    @staticmethod
+    def squashed_rsample(dist: torch.distributions.Normal) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(u = tanh(x), x ~ dist reparameterised, and log pi_b(u | s) in tanh space)."""
+        pre_tanh = dist.rsample()
+        log_prob = dist.log_prob(pre_tanh) - 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+        return torch.tanh(pre_tanh), log_prob
+
     def rsample(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, log pi_b(u | s) in tanh space, deterministic u = tanh(mean))."""
         dist = self(states)
-        pre_tanh = dist.rsample()
-        log_prob = dist.log_prob(pre_tanh) - 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
-        return torch.tanh(pre_tanh), log_prob, torch.tanh(dist.loc)
+        return (*self.squashed_rsample(dist), torch.tanh(dist.loc))
 
     def mode(self, states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(states).squeeze(-1))
@@ -775,7 +790,7 @@ def family_awr_weights(advantages: torch.Tensor, betas: torch.Tensor, official_b
 
 
 def make_adam(module: nn.Module, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam(module.parameters(), lr=lr)
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
 class FamO2OImplicitQLearning:
@@ -801,7 +816,7 @@ class FamO2OImplicitQLearning:
         self.balance_model = BalanceModel(obs_dim, config.hidden_dim, config.n_hidden).to(device)
         self.balance_optimizer = make_adam(self.balance_model, config.famo2o_balance_lr)
         self.log_alpha = torch.tensor(math.log(config.famo2o_init_alpha), device=device, requires_grad=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.famo2o_alpha_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.famo2o_alpha_lr, fused=True)
         # Random-mode acting draws from its own generator: evaluation must not move the training RNG.
         self.acting_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.online = False
@@ -827,14 +842,16 @@ class FamO2OImplicitQLearning:
     def uniform_betas(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.beta_min + (self.beta_max - self.beta_min) * torch.rand(n, device=self.device, generator=generator)
 
-    def update_betas(self, states: torch.Tensor) -> torch.Tensor:
+    def update_betas(self, states: torch.Tensor, balance_dist: Optional[torch.distributions.Normal] = None
+                     ) -> torch.Tensor:
         """beta of each sample in the universal policy's update: uniform offline, from the pre-step
-        balance model (stochastic, no gradient) online."""
+        balance model (stochastic, no gradient) online. balance_dist: pi_b(s), if already computed."""
         if self.balance_mode == "fixed":
             return torch.full((states.shape[0],), self.config.iql_beta, device=self.device)
         if self.balance_mode == "adaptive" and self.online:
             with torch.no_grad():
-                return self.to_beta(self.balance_model.rsample(states)[0])
+                dist = self.balance_model(states) if balance_dist is None else balance_dist
+                return self.to_beta(torch.tanh(dist.sample()))
         return self.uniform_betas(states.shape[0])
 
     def acting_betas(self, states: torch.Tensor) -> torch.Tensor:
@@ -845,26 +862,25 @@ class FamO2OImplicitQLearning:
             return self.uniform_betas(states.shape[0], self.acting_generator)
         return self.to_beta(self.balance_model.mode(states))
 
-    def update_balance(self, states: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """SAC-style step of pi_b: maximise min target-Q(s, a~pi_u(s, beta)) + alpha_b * entropy.
-        pi_u is read with its pre-step weights and the gradient reaches pi_b only."""
-        u, log_probs, mode = self.balance_model.rsample(states)
-        sampled_actions = self.actor(states, self.to_beta(u)).rsample()
+    def update_balance(self, states: torch.Tensor, balance_dist: Optional[torch.distributions.Normal] = None
+                       ) -> Dict[str, torch.Tensor]:
+        """SAC-style step of pi_b and its temperature: maximise min target-Q(s, a~pi_u(s, beta)) +
+        alpha_b * entropy. pi_u is read with its pre-step weights, detached, so the gradient reaches
+        pi_b only; the temperature loss uses the entropy measured before the step."""
+        dist = self.balance_model(states) if balance_dist is None else balance_dist
+        u, log_probs = self.balance_model.squashed_rsample(dist)
+        sampled_actions = self.actor(states, self.to_beta(u), detached=True).rsample()
         q_values = self.q_target(states, sampled_actions).min(0).values
         alpha = self.log_alpha.exp()
         balance_loss = (alpha.detach() * log_probs - q_values).mean()
-        parameters = list(self.balance_model.parameters())
-        for parameter, grad in zip(parameters, torch.autograd.grad(balance_loss, parameters)):
-            parameter.grad = grad
-        self.balance_optimizer.step()
-        self.balance_optimizer.zero_grad(set_to_none=True)
-
         entropy = -log_probs.detach().mean()
         alpha_loss = alpha * (entropy - self.config.famo2o_target_entropy)
+        self.balance_optimizer.zero_grad(set_to_none=True)
         self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        (balance_loss + alpha_loss).backward()  # disjoint graphs: each reaches its own parameters
+        self.balance_optimizer.step()
         self.alpha_optimizer.step()
-        acting_betas = self.to_beta(mode.detach())
+        acting_betas = self.to_beta(torch.tanh(dist.loc.detach()))
         return {
             "famo2o/balance_loss": balance_loss.detach(),
             "famo2o/balance_alpha": alpha.detach(),
@@ -877,7 +893,12 @@ class FamO2OImplicitQLearning:
 
     def update(self, batch: Batch) -> Dict[str, torch.Tensor]:
         states, actions, rewards, next_states, dones = batch
-        betas = self.update_betas(states)  # drawn before the balance step: functional update order
+        train_balance = (self.balance_mode == "adaptive"
+                         and self.total_updates % self.config.famo2o_balance_update_every == 0)
+        # pi_b(s) with its pre-step weights serves both the online betas and the balance step.
+        balance_dist = self.balance_model(states) if train_balance or (
+            self.balance_mode == "adaptive" and self.online) else None
+        betas = self.update_betas(states, balance_dist)  # drawn before the balance step: functional order
         with torch.no_grad():
             target_q = self.q_target(states, actions).min(0).values
 
@@ -887,9 +908,7 @@ class FamO2OImplicitQLearning:
         value_loss.backward()
         self.vf_optimizer.step()
 
-        balance_metrics: Dict[str, torch.Tensor] = {}
-        if self.balance_mode == "adaptive" and self.total_updates % self.config.famo2o_balance_update_every == 0:
-            balance_metrics = self.update_balance(states)
+        balance_metrics = self.update_balance(states, balance_dist) if train_balance else {}
 
         with torch.no_grad():
             values, next_values = self.vf(torch.cat([states, next_states])).chunk(2)

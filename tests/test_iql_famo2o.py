@@ -136,8 +136,8 @@ def test_online_betas_come_from_the_pre_step_balance_model(famo2o):
 
     order = []
     update_betas, update_balance = agent.update_betas, agent.update_balance
-    agent.update_betas = lambda s: order.append("betas") or update_betas(s)
-    agent.update_balance = lambda s: order.append("balance") or update_balance(s)
+    agent.update_betas = lambda *a: order.append("betas") or update_betas(*a)
+    agent.update_balance = lambda *a: order.append("balance") or update_balance(*a)
     agent.update(random_batch(famo2o))
     assert order == ["betas", "balance"]
 

@@ -189,11 +189,19 @@ def test_cli_unknown_env_is_a_clean_error(run_script):
     assert_user_error(run_script(SCRIPT, "--env", "Foo-v5", "--quick"), "Foo-v5")
 
 
-def test_cli_builds_and_prints_a_summary(run_script):
-    result = run_script(SCRIPT, "--env", "Walker2d-v5", "--quick", "--namespace", "o2o-test-cli")
+def test_cli_builds_and_prints_a_summary(run_script, minari_store):
+    """--quick on a D4RL environment: medium is the first evaluation (after the SAC warm-up)."""
+    result = run_script(SCRIPT, "--env", "Walker2d-v5", "--quick", "--levels", "random", "medium",
+                        "--namespace", "o2o-test-cli")
     assert result.returncode == 0, result.stderr
-    assert "o2o-test-cli/walker2d/random-v0" in result.stdout and "normalized" in result.stdout
-    assert minari.load_dataset("o2o-test-cli/walker2d/random-v0").total_steps == TINY_SIZE
+    for level in ("random", "medium"):
+        assert f"o2o-test-cli/walker2d/{level}-v0" in result.stdout
+        assert minari.load_dataset(f"o2o-test-cli/walker2d/{level}-v0").total_steps == TINY_SIZE
+    assert "normalized" in result.stdout and "Manifest:" in result.stdout
+    medium = read_manifest(minari_store, "o2o-test-cli")["o2o-test-cli/walker2d/medium-v0"]
+    assert medium["reference_source"] == "d4rl" and medium["ref_max_score"] == D4RL_REF_SCORES["walker2d"][1]
+    assert medium["behaviour_policy"]["medium"]["sac_step"] == 1000  # warm-up 500, evaluations every 500
+    assert medium["behaviour_policy"]["medium"]["medium_threshold"] is None  # -inf under --quick
 
 
 # --- the harness's broken datasets are broken in the advertised way -----------------------------
@@ -267,7 +275,8 @@ def assert_replays(dataset_id: str) -> None:
 
 
 def test_sac_levels_load_back_with_their_manifest(sac_build, minari_store):
-    references = json.loads((builder_dir(minari_store, "o2o-test-sac") / "invertedpendulum/references.json").read_text())
+    references_path = builder_dir(minari_store, "o2o-test-sac") / "invertedpendulum/references.json"
+    references = json.loads(references_path.read_text())
     assert references["episodes"] == 5 and references["ref_max_score"] > references["ref_min_score"]
     for level in ("random", *SAC_LEVELS):
         dataset_id = f"o2o-test-sac/invertedpendulum/{level}-v0"
@@ -314,7 +323,8 @@ def test_medium_is_the_first_evaluation_reaching_the_threshold(sac_build, minari
     assert expert["sac_step"] == 3000 and checkpoint["step"] >= 3000
     # medium-expert: the medium episodes, then the expert episodes
     combined = load_episodes("o2o-test-sac/invertedpendulum/medium-expert-v0")
-    parts = load_episodes("o2o-test-sac/invertedpendulum/medium-v0") + load_episodes("o2o-test-sac/invertedpendulum/expert-v0")
+    parts = [episode for level in ("medium", "expert")
+             for episode in load_episodes(f"o2o-test-sac/invertedpendulum/{level}-v0")]
     assert len(combined) == len(parts)
     for a, b in zip(combined, parts):
         for name in FIELDS:
@@ -341,10 +351,12 @@ def test_an_interrupted_build_resumes_to_the_same_datasets(sac_build, run_script
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = read_manifest(minari_store, namespace)
     for level in ("random", *SAC_LEVELS):
-        a, b = sac_build[f"o2o-test-sac/invertedpendulum/{level}-v0"], resumed[f"{namespace}/invertedpendulum/{level}-v0"]
+        a = sac_build[f"o2o-test-sac/invertedpendulum/{level}-v0"]
+        b = resumed[f"{namespace}/invertedpendulum/{level}-v0"]
         assert a["sha256"] == b["sha256"], level  # the same bytes: HDF5 files hold no time stamps
         assert a["behaviour_policy"] == b["behaviour_policy"] or level == "random"
-    assert_same_episodes("o2o-test-sac/invertedpendulum/medium-replay-v0", f"{namespace}/invertedpendulum/medium-replay-v0")
+    assert_same_episodes("o2o-test-sac/invertedpendulum/medium-replay-v0",
+                         f"{namespace}/invertedpendulum/medium-replay-v0")
     assert not list(minari_store.glob(".staging-*"))
 
 
