@@ -777,13 +777,13 @@ class ConservativeQLearning:
         self.qf = TwinQ(obs_dim, act_dim, config.hidden_dim, config.q_n_hidden, config.q_layer_norm).to(device)
         self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
         self.actor = TanhGaussianPolicy(obs_dim, act_dim, config.hidden_dim, config.actor_n_hidden).to(device)
-        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr, fused=True)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=True)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=device, requires_grad=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, fused=True)
         self.log_alpha_prime = torch.tensor(1.0, device=device, requires_grad=True)
-        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=config.qf_lr)
+        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=config.qf_lr, fused=True)
         self.cql_alpha = config.cql_alpha
         self.online = False
         self.total_updates = 0

@@ -818,13 +818,13 @@ class FamO2OConservativeQLearning:
         self.qf = TwinQ(obs_dim, act_dim, config.hidden_dim, config.q_n_hidden, config.q_layer_norm).to(device)
         self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
         self.actor = UniversalPolicy(obs_dim, act_dim, config.hidden_dim, config.actor_n_hidden).to(device)
-        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr, fused=True)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=True)
         self.target_entropy = -float(act_dim)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=device, requires_grad=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, fused=True)
         self.log_alpha_prime = torch.tensor(1.0, device=device, requires_grad=True)
-        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=config.qf_lr)
+        self.alpha_prime_optimizer = torch.optim.Adam([self.log_alpha_prime], lr=config.qf_lr, fused=True)
         self.cql_alpha = config.cql_alpha
         if config.famo2o_balance not in ("adaptive", "fixed", "random"):
             raise UserError(f"--famo2o_balance must be adaptive, fixed or random, not '{config.famo2o_balance}'.")
@@ -836,7 +836,9 @@ class FamO2OConservativeQLearning:
         self.beta_min, self.beta_max = config.famo2o_beta_min, config.famo2o_beta_max
         # pi_b: the same tanh-Gaussian class on s, one output (official HierarchicalPolicy).
         self.balance_model = TanhGaussianPolicy(obs_dim, 1, config.hidden_dim, config.actor_n_hidden).to(device)
-        self.balance_optimizer = torch.optim.Adam(self.balance_model.parameters(), lr=config.famo2o_balance_lr)
+        self.balance_optimizer = torch.optim.Adam(
+            self.balance_model.parameters(), lr=config.famo2o_balance_lr, fused=True
+        )
         # Random-mode acting draws from its own generator: evaluation must not move the training RNG.
         self.acting_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.online = False
