@@ -396,8 +396,9 @@ class ReplayBuffer:
     One row is [state, action, reward, next_state, done]; a batch is one gather on the device.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device, online_only: bool = False):
         self.obs_dim, self.act_dim, self.capacity, self.device = obs_dim, act_dim, capacity, device
+        self.online_only = online_only  # a buffer for 100% online data refuses offline data
         self.split = [obs_dim, act_dim, 1, obs_dim, 1]
         self.rows = torch.zeros((capacity, sum(self.split)), dtype=torch.float32, device=device)
         self.n_offline = 0
@@ -409,6 +410,8 @@ class ReplayBuffer:
         return self.n_offline + self.n_online
 
     def add_offline(self, data: Dict[str, np.ndarray]) -> None:
+        if self.online_only:
+            raise RuntimeError("This buffer holds online transitions only; offline data may not enter it.")
         if self.size > 0:
             raise RuntimeError("Offline data must be loaded into an empty buffer.")
         n = len(data["rewards"])
