@@ -1115,7 +1115,6 @@ def train(config: TrainConfig) -> Path:
             # ---- offline-to-online switch: every phase change happens here ----
             # Online transitions join the offline data in one buffer; the penalty weight changes.
             agent.cql_alpha = config.cql_alpha_online
-            family_evaluation(t)
             # FamO2O: the universal policy's beta now comes from the balance model (adaptive mode).
             scores["offline"] = scores["last"] if scores["last"] is not None else evaluate_and_log(t)
             agent.online = True
@@ -1142,14 +1141,14 @@ def train(config: TrainConfig) -> Path:
         if done % config.eval_freq == 0 or done == total or done == config.offline_iterations:
             eval_start = time.time()
             evaluate_and_log(done)
+            if done in (config.offline_iterations, total):  # FamO2O: the family at the end of each phase
+                family_evaluation(done)
             progress.set_postfix(score=scores["last"])
             save_checkpoint(checkpoint_path, agent, buffer, collector, transform, done, config)
             if done == config.offline_iterations:  # the pretrained model, to fine-tune many times
                 save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, done, config)
             last_log_time += time.time() - eval_start  # updates per second excludes evaluation time
     progress.close()
-    if start < total:
-        family_evaluation(total)
     logger.close()
     unit = "normalized score" if references is not None else "return"
     before, after = ("n/a" if scores[k] is None else f"{scores[k]:.2f}" for k in ("offline", "last"))

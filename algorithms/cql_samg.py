@@ -150,7 +150,7 @@ class TrainConfig:
     samg_vae_hidden: int = 750
     # Weight of the KL term in the C-VAE loss and in its ELBO
     samg_vae_kl_weight: float = 0.5
-    # Held-out offline pairs whose ELBOs are the percentile reference (at most 10% of the data)
+    # Held-out offline pairs whose ELBOs are the percentile reference (at most a tenth of the data)
     samg_reference_size: int = 10000
     # Adaptive coefficient rounds (SAMG.md 1.6); off = static SAMG
     samg_adaptive: bool = False

@@ -1071,7 +1071,6 @@ def train(config: TrainConfig) -> Path:
             # ---- offline-to-online switch: every phase change happens here ----
             # IQL changes nothing but the data: online transitions join the offline data in one buffer.
             scores["offline"] = scores["last"] if scores["last"] is not None else evaluate_and_log(t)
-            family_evaluation(t)
             # FamO2O: the universal policy's beta now comes from the balance model (adaptive mode).
             agent.online = True
             progress.set_description("online")
@@ -1097,14 +1096,14 @@ def train(config: TrainConfig) -> Path:
         if done % config.eval_freq == 0 or done == total or done == config.offline_iterations:
             eval_start = time.time()
             evaluate_and_log(done)
+            if done in (config.offline_iterations, total):  # FamO2O: the family at the end of each phase
+                family_evaluation(done)
             progress.set_postfix(score=scores["last"])
             save_checkpoint(checkpoint_path, agent, buffer, collector, transform, done, config)
             if done == config.offline_iterations:  # the pretrained model, to fine-tune many times
                 save_checkpoint(run_dir / "offline.pt", agent, buffer, collector, transform, done, config)
             last_log_time += time.time() - eval_start  # updates per second excludes evaluation time
     progress.close()
-    if start < total:
-        family_evaluation(total)
     logger.close()
     unit = "normalized score" if references is not None else "return"
     before, after = ("n/a" if scores[k] is None else f"{scores[k]:.2f}" for k in ("offline", "last"))

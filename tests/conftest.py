@@ -38,13 +38,21 @@ import make_datasets  # noqa: E402  (found through the sys.path entry above)
 TEST_NAMESPACE = "o2o-test"
 TINY_SIZE = 2000
 TINY_SEED = 0
-ALGORITHMS = ["iql", "iql_famo2o", "cql", "cql_famo2o"]
+ALGORITHMS = ["iql", "iql_famo2o", "cql", "cql_famo2o", "awac", "awac_samg", "cql_samg"]
 # Budgets that exercise every phase in seconds: offline, switch, online, evaluation, checkpoints.
 TINY_TRAIN_ARGS = [
     "--offline_iterations", "60", "--online_iterations", "60", "--eval_freq", "40", "--eval_episodes", "1",
     "--log_every", "20", "--batch_size", "32", "--hidden_dim", "32", "--buffer_size", "5000",
     "--wandb_mode", "disabled", "--cpu_threads", "1",
 ]
+# SAMG files start online updates after samg_learning_starts transitions; a small C-VAE keeps them fast.
+SAMG_LEARNING_STARTS = 16
+TINY_SAMG_ARGS = ["--samg_learning_starts", str(SAMG_LEARNING_STARTS), "--samg_vae_hidden", "32",
+                  "--samg_reference_size", "100"]
+
+
+def tiny_args(name: str) -> list:
+    return TINY_TRAIN_ARGS + (TINY_SAMG_ARGS if name.endswith("samg") else [])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -126,7 +134,7 @@ def train_script(run_script, hopper_dataset):
     """Run algorithms/<name>.py on the tiny Hopper dataset with tiny budgets into `runs_root`."""
 
     def train(name: str, runs_root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return run_script(f"algorithms/{name}.py", "--env", hopper_dataset, *TINY_TRAIN_ARGS,
+        return run_script(f"algorithms/{name}.py", "--env", hopper_dataset, *tiny_args(name),
                           "--checkpoints_path", runs_root, *args, timeout=timeout)
 
     return train

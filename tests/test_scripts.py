@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALGORITHMS, REPO, TINY_TRAIN_ARGS
+from conftest import ALGORITHMS, REPO, SAMG_LEARNING_STARTS, tiny_args
 
 import sync_shared_blocks
 
 
-HELP_TEXT = {"iql": "Expectile of the value loss", "cql": "Weight of the conservative penalty offline"}
+HELP_TEXT = {"iql": "Expectile of the value loss", "cql": "Weight of the conservative penalty offline",
+             "awac": "Temperature lambda of the advantage weights"}
+
+
+def updates(name: str, offline: int, online: int) -> int:
+    """SAMG files update online only once their (empty at the switch) buffer holds enough data."""
+    return offline + (online - SAMG_LEARNING_STARTS + 1 if name.endswith("samg") else online)
 
 
 def read_metrics(run_dir: Path) -> list:
@@ -52,7 +58,8 @@ def test_offline_switch_online_checkpoint_and_resume(name, train_script, tmp_pat
     assert "Resuming" in second.stdout and "at iteration 80 with 20 online transitions" in second.stdout
     final = load(run_dir / "checkpoint.pt")
     assert final["iteration"] == 120 and final["buffer"]["online_added"] == 60
-    assert final["agent"]["total_updates"] == 120
+    assert final["agent"]["total_updates"] == updates(name, 60, 60)
+    assert final["buffer"]["n_offline"] == (0 if name.endswith("samg") else checkpoint["buffer"]["n_offline"])
     assert torch.equal(final["buffer"]["rows"][:20], checkpoint["buffer"]["rows"])
     records = read_metrics(run_dir)
     assert eval_iterations(records) == [40, 60, 80, 120]
@@ -74,7 +81,7 @@ def test_fine_tune_a_pretrained_checkpoint(name, train_script, tmp_path):
     assert_ok(result)
     checkpoint = load(tmp_path / "finetune" / "checkpoint.pt")
     assert checkpoint["iteration"] == 60 and checkpoint["buffer"]["online_added"] == 60
-    assert checkpoint["agent"]["total_updates"] == 60 + 60  # 60 offline updates loaded, 60 online
+    assert checkpoint["agent"]["total_updates"] == updates(name, 60, 60)  # 60 offline updates loaded
     records = read_metrics(tmp_path / "finetune")
     assert eval_iterations(records)[0] == 0  # the pretrained policy is scored before fine-tuning
 
@@ -105,7 +112,7 @@ def test_file_copied_alone_still_runs(name, hopper_dataset, tmp_path):
     lonely = tmp_path / "elsewhere"
     lonely.mkdir()
     shutil.copy(REPO / "algorithms" / f"{name}.py", lonely / "train.py")
-    args = [*TINY_TRAIN_ARGS, "--offline_iterations", "20", "--online_iterations", "20", "--eval_freq", "20"]
+    args = [*tiny_args(name), "--offline_iterations", "20", "--online_iterations", "20", "--eval_freq", "20"]
     result = subprocess.run([sys.executable, "train.py", "--env", hopper_dataset, *args], cwd=lonely,
                             capture_output=True, text=True, timeout=600)
     assert_ok(result)
@@ -121,7 +128,7 @@ def test_file_copied_alone_still_runs(name, hopper_dataset, tmp_path):
 ])
 def test_bad_input_gives_a_clear_message(name, dataset, message, request, run_script, tmp_path):
     dataset_id = "o2o-test/nothing/here-v0" if dataset == "unknown" else request.getfixturevalue(dataset)
-    result = run_script(f"algorithms/{name}.py", "--env", dataset_id, *TINY_TRAIN_ARGS, "--checkpoints_path", tmp_path)
+    result = run_script(f"algorithms/{name}.py", "--env", dataset_id, *tiny_args(name), "--checkpoints_path", tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")
@@ -133,7 +140,8 @@ def test_shared_blocks_are_identical_across_algorithm_files():
     assert sync_shared_blocks.differences(files) == []
     expected = {"utilities", "data", "replay buffer", "evaluation and online interaction", "logging", "checkpoints"}
     for path in files:
-        assert set(sync_shared_blocks.shared_blocks(path.read_text())) == expected, path.name
+        samg = {"samg"} if path.stem.endswith("samg") else set()
+        assert set(sync_shared_blocks.shared_blocks(path.read_text())) == expected | samg, path.name
 
 
 def test_shared_block_check_detects_drift(tmp_path):
