@@ -154,3 +154,17 @@ def test_shared_block_check_detects_drift(tmp_path):
     assert problems == ["block 'utilities' has 2 different versions: a.py | b.py"]
     assert sync_shared_blocks.sync(tmp_path / "a.py", [tmp_path / "b.py"]) == [tmp_path / "b.py"]
     assert (tmp_path / "b.py").read_text() == original
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_committed_configs_parse(name, load_algorithm):
+    import pyrallis
+
+    module = load_algorithm(name)
+    paths = sorted((REPO / "configs" / name).glob("*.yaml"))
+    assert paths, f"configs/{name}/ has no config"
+    for path in paths:
+        config = pyrallis.parse(config_class=module.TrainConfig, config_path=str(path), args=[])
+        env = path.stem.split("_")[0]
+        assert config.env == f"o2o/{env}/medium-replay-v0", path
+        assert config.offline_iterations >= 1000000 and config.online_iterations == 1000000, path
