@@ -5,7 +5,7 @@ Run (from the repository root):
     python scripts/throughput.py                          # CPU, 1 and 2 threads -> results/throughput.{csv,md}
     python scripts/throughput.py --threads 1,2,4 --repeats 5
     python scripts/throughput.py --device cuda            # GPU (the thread count still applies to the host)
-    python scripts/throughput.py --quick --out-dir /tmp/tp   # smoke mode: a few updates, one run, 1 thread
+    python scripts/throughput.py --quick --out-dir /tmp/tp   # smoke mode: a few updates, one pass, 1 thread
     python scripts/throughput.py --quick --files iql.py --out-dir /tmp/tp   # one file (a few seconds)
 
 What is measured, per entry of ENTRIES (file, phase) and per thread count:
@@ -13,16 +13,18 @@ What is measured, per entry of ENTRIES (file, phase) and per thread count:
 - `agent.update(batch)` on Hopper-like dimensions (obs 11, act 3) with the file's `TrainConfig`
   defaults (the paper hyperparameters: batch 256, 256x256 networks). Batches are random and
   pre-generated on the device (a pool cycled through), so data generation is not timed.
-  `--warmup` updates, then `--repeats` timed runs of N updates each (N is sized from the warm-up so
-  that a run lasts about `--seconds`); the median run gives ms/update and updates/s.
+  `--warmup` untimed updates, then one timed run of N updates (N is sized from the warm-up so that
+  the run lasts about `--seconds`). The whole set of measurements is repeated `--repeats` times, in
+  passes over all entries, so that a burst of load from other processes hits all entries alike; the
+  median over the passes gives ms/update and updates/s.
 - FLOPs of one update, forward and backward matmuls, counted by `torch.utils.flop_counter`
   (element-wise ops and optimizer steps are not counted), and the achieved GFLOP/s.
 - A float32 matmul peak at the same thread count: (256x256)@(256x256), the shape of the hidden
   layers at batch 256, and (1024x1024)@(1024x1024).
 
-Every (entry, threads) measurement runs in its own subprocess (`--worker JOB`), so thread settings
-and allocator state do not leak between entries. Entries whose file does not exist yet are skipped.
-To measure a new algorithm file, add a row to ENTRIES.
+Every measurement (entry, phase, threads, pass) runs in its own subprocess (`--worker JOB`), so
+thread settings and allocator state do not leak between entries. Entries whose file does not exist
+yet are skipped. To measure a new algorithm file, add a row to ENTRIES.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -52,32 +55,61 @@ REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = REPO / "algorithms"
 
 
+# Hopper-like dimensions for the measurement; buffer memory is also reported for the larger tasks.
+OBS_DIM, ACT_DIM = 11, 3
+
+
+# Offline-to-online switches: what each file's "offline-to-online switch" block does to the agent,
+# besides `agent.online = True` (always set after it). Signature (module, agent, config, device).
+def cql_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
+    agent.cql_alpha = config.cql_alpha_online
+
+
+def samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
+    """Freeze Q_off and score held-out offline pairs (random ones here) as the percentile reference."""
+    n = 10 * config.samg_reference_size  # the held-out split is at most 10% of the pairs
+    states = torch.randn(n, OBS_DIM, device=device)
+    actions = torch.rand(n, ACT_DIM, device=device) * 2.0 - 1.0
+    agent.samg.start_online(agent.qf, module.OfflinePairs(states, actions, config.samg_reference_size, 0))
+
+
+def cql_samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
+    cql_switch(module, agent, config, device)
+    samg_switch(module, agent, config, device)
+
+
+Switch = Callable[[Any, Any, Any, torch.device], None]
+
+
 @dataclass(frozen=True)
 class Entry:
     file: str  # under algorithms/
-    agent: Optional[str]  # agent class; None = the one class of the file with `update` and `act` methods
-    phases: Tuple[str, ...] = ("offline", "online")  # agent.online = (phase == "online")
+    agent: Optional[str] = None  # agent class; None = the one class of the file with `update` and `act` methods
     base: Optional[str] = None  # file whose update time this one is compared with ("vs base")
+    switch: Optional[Switch] = None  # agent-side offline-to-online switch, besides agent.online = True
+    phases: Tuple[str, ...] = ("offline", "online")
 
 
 # The measured algorithm files. IQL's update ignores the phase; it is measured in both phases so that
 # every "vs base" ratio compares the same phase (and the two IQL rows show the run-to-run noise).
+# Files that do not exist are skipped; an agent class left as None is found by its methods.
 ENTRIES: List[Entry] = [
     Entry("iql.py", "ImplicitQLearning"),
     Entry("iql_famo2o.py", "FamO2OImplicitQLearning", base="iql.py"),
-    # Announced files, skipped until they exist; name the agent class here once it is known.
-    Entry("cql.py", None),
-    Entry("cql_famo2o.py", None, base="cql.py"),
-    Entry("awac.py", None),
-    Entry("awac_samg.py", None, base="awac.py"),
-    Entry("cql_samg.py", None, base="cql.py"),
+    Entry("cql.py", switch=cql_switch),
+    Entry("cql_famo2o.py", base="cql.py", switch=cql_switch),
+    Entry("awac.py"),
+    Entry("awac_samg.py", base="awac.py", switch=samg_switch),
+    Entry("cql_samg.py", base="cql.py", switch=cql_samg_switch),
 ]
+ENTRY_BY_FILE = {entry.file: entry for entry in ENTRIES}
 
-# Hopper-like dimensions for the measurement; buffer memory is also reported for the larger tasks.
-OBS_DIM, ACT_DIM = 11, 3
 BUFFER_DIMS = {"Hopper": (11, 3), "HalfCheetah / Walker2d": (17, 6)}
 BATCH_POOL = 64  # pre-generated batches, cycled through
 MATMUL_SIZES = (256, 1024)
+MIN_CALLS = 5  # timed calls per run, at least
+FULL_DEFAULTS = {"threads": "1,2", "warmup": 50, "seconds": 3.0, "repeats": 3}
+QUICK_DEFAULTS = {"threads": "1", "warmup": 3, "seconds": 0.0, "repeats": 1}  # --quick: MIN_CALLS timed updates
 FAMO2O_BUDGET = 1.5  # project requirement: a FamO2O-style update costs at most this many base updates
 
 
@@ -97,13 +129,11 @@ def elapsed(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def benchmark(fn: Callable[[], Any], device: torch.device, warmup: int, seconds: float, repeats: int,
-              min_calls: int) -> Dict[str, Any]:
-    """Warm up, size the runs from the warm-up speed, then time `repeats` runs; seconds per call."""
-    warm = elapsed(fn, warmup, device)
-    calls = max(min_calls, math.ceil(seconds * warmup / max(warm, 1e-9)))
-    per_call = [elapsed(fn, calls, device) / calls for _ in range(repeats)]
-    return {"calls": calls, "seconds_per_call": statistics.median(per_call), "runs_seconds_per_call": per_call}
+def benchmark(fn: Callable[[], Any], device: torch.device, warmup: int, seconds: float) -> Dict[str, Any]:
+    """Warm up, size the timed run from the warm-up speed to last about `seconds`, time it."""
+    warm = elapsed(fn, max(warmup, 1), device)
+    calls = max(MIN_CALLS, math.ceil(seconds * max(warmup, 1) / max(warm, 1e-9)))
+    return {"calls": calls, "seconds_per_call": elapsed(fn, calls, device) / calls}
 
 
 def load_module(path: Path) -> Any:
@@ -143,18 +173,22 @@ def random_batches(module: Any, batch_size: int, device: torch.device) -> List[A
 
 
 def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    module = load_module(ALGORITHMS / job["file"])
-    cls = agent_class(module, job["agent"])
+    entry = ENTRY_BY_FILE[job["file"]]
+    module = load_module(ALGORITHMS / entry.file)
+    cls = agent_class(module, entry.agent)
     config = module.TrainConfig()
     agent = cls(config, OBS_DIM, ACT_DIM, device)
-    agent.online = job["phase"] == "online"
+    if job["phase"] == "online":
+        if entry.switch is not None:
+            entry.switch(module, agent, config, device)
+        agent.online = True
     batches = itertools.cycle(random_batches(module, config.batch_size, device))
-    result = benchmark(lambda: agent.update(next(batches)), device, job["warmup"], job["seconds"], job["repeats"],
-                       job["min_calls"])
+    result = benchmark(lambda: agent.update(next(batches)), device, job["warmup"], job["seconds"])
     with FlopCounterMode(display=False) as counter:
         agent.update(next(batches))
+    network = ", ".join(f"{k} {v}" for k, v in vars(config).items() if "hidden" in k)
     return {**result, "agent": cls.__name__, "flops_per_call": counter.get_total_flops(),
-            "batch_size": config.batch_size, "hidden_dim": config.hidden_dim, "n_hidden": config.n_hidden}
+            "config": f"batch_size {config.batch_size}, {network}"}
 
 
 def measure_matmul(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -162,8 +196,7 @@ def measure_matmul(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     for n in MATMUL_SIZES:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         out = torch.empty(n, n, device=device)
-        result = benchmark(lambda: torch.mm(a, b, out=out), device, job["warmup"], job["seconds"] / 2,
-                           job["repeats"], job["min_calls"])
+        result = benchmark(lambda: torch.mm(a, b, out=out), device, job["warmup"], job["seconds"] / 2)
         gflops[n] = 2 * n**3 / result["seconds_per_call"] / 1e9
     return {"matmul_gflops": gflops}
 
@@ -181,11 +214,14 @@ def worker(job: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- orchestration (the parent process)
 def run_worker(job: Dict[str, Any]) -> Dict[str, Any]:
+    """The worker's JSON result, or {"error": last line of its stderr} when it fails."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     process = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
     if process.returncode != 0 or not lines:
-        raise SystemExit(f"worker failed ({process.returncode}): {json.dumps(job)}\n{process.stderr[-3000:]}")
+        print(f"worker failed (exit {process.returncode}): {json.dumps(job)}\n{process.stderr[-3000:]}",
+              file=sys.stderr)
+        return {"error": (process.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
 
 
@@ -207,8 +243,10 @@ def git(*args: str) -> str:
 
 
 def commit_label() -> str:
+    """Short commit, plus "+dirty" and the changed files when algorithms/ differs from it."""
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "algorithms") else "")
+    changes = git("status", "--porcelain", "--", "algorithms").splitlines()
+    return commit + (f"+dirty ({'; '.join(c.strip() for c in changes)})" if changes else "")
 
 
 def mib_per_million_transitions(obs_dim: int, act_dim: int) -> float:
@@ -220,8 +258,10 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def summarize(update: Dict[str, Any], peaks: Dict[int, float]) -> Dict[str, Any]:
-    seconds = update["seconds_per_call"]
+def summarize(runs: List[Dict[str, Any]], peaks: Dict[int, float]) -> Dict[str, Any]:
+    """One table row from the passes' results of one (file, phase, threads) job."""
+    update = runs[0]
+    seconds = statistics.median(r["seconds_per_call"] for r in runs)
     achieved = update["flops_per_call"] / seconds / 1e9
     return {
         "file": update["file"],
@@ -230,15 +270,15 @@ def summarize(update: Dict[str, Any], peaks: Dict[int, float]) -> Dict[str, Any]
         "threads": update["threads"],
         "device": update["device"],
         "ms_per_update": 1e3 * seconds,
-        "ms_runs": [1e3 * s for s in update["runs_seconds_per_call"]],
+        "ms_runs": [1e3 * r["seconds_per_call"] for r in runs],
         "updates_per_second": 1.0 / seconds,
-        "updates_per_run": update["calls"],
-        "config": f"batch {update['batch_size']}, {update['hidden_dim']}x{update['n_hidden']} networks",
+        "updates_per_run": statistics.median(r["calls"] for r in runs),
+        "config": update["config"],
         "gflop_per_update": update["flops_per_call"] / 1e9,
         "achieved_gflops": achieved,
         **{f"matmul{n}_gflops": peaks[n] for n in MATMUL_SIZES},
         **{f"pct_of_matmul{n}": 100.0 * achieved / peaks[n] for n in MATMUL_SIZES},
-        "base": update["base"] or "",
+        "base": ENTRY_BY_FILE[update["file"]].base or "",
         "vs_base": None,
         "mib_per_million_transitions": mib_per_million_transitions(OBS_DIM, ACT_DIM),
     }
@@ -263,7 +303,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
 
 
 def markdown(rows: List[Dict[str, Any]], peaks: Dict[int, Dict[int, float]], header: Dict[str, str],
-             skipped: Sequence[str]) -> str:
+             skipped: Sequence[str], failures: Sequence[str]) -> str:
     lines = ["# Gradient-update throughput", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += [f"- Replay memory per million buffered transitions (float32 rows of 2*obs + act + 2): "
@@ -271,12 +311,14 @@ def markdown(rows: List[Dict[str, Any]], peaks: Dict[int, Dict[int, float]], hea
                           for name, (o, a) in BUFFER_DIMS.items())]
     if skipped:
         lines.append(f"- Skipped (file not in algorithms/ yet): {', '.join(skipped)}")
-    lines += ["", "## Matmul peak (float32, median of runs)", "", "| threads | 256² GFLOP/s | 1024² GFLOP/s |",
+    lines += [f"- FAILED (left out of the table): {failure}" for failure in failures]
+    lines += ["", "## Matmul peak (float32, median over passes)", "", "| threads | 256² GFLOP/s | 1024² GFLOP/s |",
               "|---:|---:|---:|"]
     lines += [f"| {k} | {p[256]:.1f} | {p[1024]:.1f} |" for k, p in sorted(peaks.items())]
     lines += ["", "## Updates", "",
-              f"ms/update is the median of the timed runs (range = fastest and slowest run). GFLOP/update counts "
-              f"forward and backward matmuls only. vs base = ms/update over the base file's at the same phase and "
+              f"ms/update is the median over the passes (range = fastest and slowest pass). GFLOP/update counts "
+              f"forward and backward matmuls only; % of peak = achieved GFLOP/s over the matmul GFLOP/s at the same "
+              f"thread count. vs base = ms/update over the base file's at the same phase and "
               f"thread count (project budget for FamO2O-style variants: at most {FAMO2O_BUDGET}x).", "",
               "| file | phase | threads | ms/update | range (ms) | updates/s | GFLOP/update | achieved GFLOP/s "
               "| % of 256² peak | % of 1024² peak | vs base |",
@@ -291,23 +333,70 @@ def markdown(rows: List[Dict[str, Any]], peaks: Dict[int, Dict[int, float]], hea
     return "\n".join(lines) + "\n"
 
 
+def measure_all(args: argparse.Namespace, entries: Sequence[Entry], threads: Sequence[int]
+                ) -> Tuple[List[Dict[str, Any]], Dict[int, Dict[int, float]], List[str], str, float]:
+    """Run every job once per pass, each in a fresh worker. A job that fails is reported, not run again
+    and left out of the rows. Returns rows, matmul peaks, failures, device name, highest 1-min load."""
+    common = {"device": args.device, "warmup": args.warmup, "seconds": args.seconds}
+    jobs = []
+    for k in threads:
+        jobs.append({**common, "kind": "matmul", "threads": k})
+        jobs += [{**common, "kind": "update", "threads": k, "file": e.file, "phase": phase}
+                 for e in entries for phase in e.phases]
+    results: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+    errors: Dict[int, str] = {}
+    max_load = os.getloadavg()[0]
+    for repeat in range(args.repeats):
+        for i, job in enumerate(jobs):
+            if i in errors:
+                continue
+            result = run_worker(job)
+            max_load = max(max_load, os.getloadavg()[0])
+            name = "matmul" if job["kind"] == "matmul" else f"{job['file']} {job['phase']}"
+            if "error" in result:
+                if job["kind"] == "matmul":
+                    raise SystemExit(f"The matmul measurement failed: {result['error']}")
+                errors[i] = result["error"]
+                done = f"FAILED ({result['error']})"
+            elif job["kind"] == "matmul":
+                results[i].append(result)
+                done = ", ".join(f"{n}²: {g:.1f} GFLOP/s" for n, g in result["matmul_gflops"].items())
+            else:
+                results[i].append(result)
+                done = f"{1e3 * result['seconds_per_call']:.2f} ms/update"
+            print(f"pass {repeat + 1}/{args.repeats}, {job['threads']} thread(s), {name}: {done}", flush=True)
+
+    peaks = {job["threads"]: {int(n): statistics.median(r["matmul_gflops"][str(n)] for r in results[i])
+                              for n in MATMUL_SIZES}
+             for i, job in enumerate(jobs) if job["kind"] == "matmul"}
+    rows = [summarize(results[i], peaks[job["threads"]])
+            for i, job in enumerate(jobs) if job["kind"] == "update" and i not in errors]
+    add_base_ratios(rows)
+    failures = [f"{jobs[i]['file']} {jobs[i]['phase']}, {jobs[i]['threads']} thread(s): {error}"
+                for i, error in errors.items()]
+    device_name = results[0][0]["device_name"] if args.device != "cpu" else ""
+    return rows, peaks, failures, device_name, max_load
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", help="comma-separated torch.set_num_threads values (default 1,2; --quick: 1)")
+    parser.add_argument("--threads", help="comma-separated torch.set_num_threads values (default 1,2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--files", default="", help="comma-separated subset of ENTRIES files (default: all)")
-    parser.add_argument("--warmup", type=int, default=50, help="untimed updates before timing")
-    parser.add_argument("--seconds", type=float, default=3.0, help="target duration of one timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    parser.add_argument("--warmup", type=int, help="untimed updates before the timed run (default 50)")
+    parser.add_argument("--seconds", type=float, help="target duration of one timed run (default 3)")
+    parser.add_argument("--repeats", type=int,
+                        help="passes over all measurements, one timed run each; the median is reported (default 3)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: 3 warm-up and 5 timed updates, 1 run, 1 thread unless --threads is given")
+                        help="smoke mode: defaults become 3 warm-up updates, 5 timed updates, 1 pass, 1 thread")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results")
     parser.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.warmup, args.seconds, args.repeats = 3, 0.02, 1
-    args.threads = args.threads or ("1" if args.quick else "1,2")
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -330,44 +419,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("No algorithm file to measure.")
 
     command = shlex.join(["python", "scripts/throughput.py", *(sys.argv[1:] if argv is None else argv)])
-    load_before = load_average()
-    common = {"device": args.device, "warmup": args.warmup, "seconds": args.seconds, "repeats": args.repeats,
-              "min_calls": 5}
-    peaks: Dict[int, Dict[int, float]] = {}
-    rows: List[Dict[str, Any]] = []
-    device_name = ""
-    for k in threads:
-        matmul = run_worker({**common, "kind": "matmul", "threads": k})
-        peaks[k] = {int(n): g for n, g in matmul["matmul_gflops"].items()}
-        device_name = matmul["device_name"] if args.device != "cpu" else ""
-        print(f"threads {k}: matmul " + ", ".join(f"{n}²: {g:.1f} GFLOP/s" for n, g in peaks[k].items()), flush=True)
-        for entry in entries:
-            for phase in entry.phases:
-                job = {**common, "kind": "update", "threads": k, "file": entry.file, "agent": entry.agent,
-                       "phase": phase, "base": entry.base}
-                rows.append(summarize(run_worker(job), peaks[k]))
-                r = rows[-1]
-                print(f"threads {k}: {r['file']} {phase}: {r['ms_per_update']:.2f} ms/update "
-                      f"({r['updates_per_second']:.0f}/s, {r['achieved_gflops']:.1f} GFLOP/s)", flush=True)
-    add_base_ratios(rows)
-
+    load_before, commit = load_average(), commit_label()
+    rows, peaks, failures, device_name, max_load = measure_all(args, entries, threads)
+    if commit_label() != commit:
+        commit += f" at the start, {commit_label()} at the end (the code changed during the run)"
+    if not rows:
+        raise SystemExit("Every update measurement failed:\n" + "\n".join(failures))
     first = rows[0]
     header = {
         "Command": f"`{command}`",
-        "Commit": commit_label(),
+        "Commit": commit,
         "Date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "Machine": f"{cpu_model()}, {os.cpu_count()} cores" + (f"; GPU {device_name}" if device_name else ""),
         "Software": f"torch {torch.__version__}, Python {platform.python_version()}",
-        "Load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",
-        "Setup": f"obs_dim {OBS_DIM}, act_dim {ACT_DIM}, each file's TrainConfig defaults ({first['config']}); "
-                 f"random batches (pool of {BATCH_POOL}); {args.warmup} warm-up updates, then {args.repeats} "
-                 f"timed run(s) of ~{args.seconds:g} s each (e.g. {first['updates_per_run']} updates for "
-                 f"{first['file']} {first['phase']} at {first['threads']} thread(s)); device {args.device}",
+        "Load average (1/5/15 min) before / after": f"{load_before} / {load_average()} (highest 1-min load "
+                                                    f"seen between workers: {max_load:.2f}, of which the "
+                                                    f"measurement itself is up to {max(threads)})",
+        "Setup": f"obs_dim {OBS_DIM}, act_dim {ACT_DIM}, each file's TrainConfig defaults ("
+                 + "; ".join(sorted({f"{r['file']}: {r['config']}" for r in rows})) + "); "
+                 f"random batches (pool of {BATCH_POOL}); {args.warmup} warm-up updates, then one timed "
+                 f"run of ~{args.seconds:g} s and at least {MIN_CALLS} updates (e.g. {first['updates_per_run']:.0f} "
+                 f"updates for {first['file']} {first['phase']} at {first['threads']} thread(s)), in each of "
+                 f"{args.repeats} pass(es) over all entries; device {args.device}",
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "throughput.csv", rows)
-    (args.out_dir / "throughput.md").write_text(markdown(rows, peaks, header, skipped))
+    (args.out_dir / "throughput.md").write_text(markdown(rows, peaks, header, skipped, failures))
     print(f"wrote {args.out_dir / 'throughput.csv'} and {args.out_dir / 'throughput.md'}")
+    if failures:
+        print("failed measurements:\n" + "\n".join(failures), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
