@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -83,11 +84,25 @@ Switch = Callable[[Any, Any, Any, torch.device], None]
 
 @dataclass(frozen=True)
 class Entry:
-    file: str  # under algorithms/
+    file: str  # under algorithms/, or a label when `source` is given
     agent: Optional[str] = None  # agent class; None = the one class of the file with `update` and `act` methods
     base: Optional[str] = None  # file whose update time this one is compared with ("vs base")
     switch: Optional[Switch] = None  # agent-side offline-to-online switch, besides agent.online = True
     phases: Tuple[str, ...] = ("offline", "online")
+    source: Optional[str] = None  # the algorithm file to load when `file` is a label
+    make: Optional[Callable[[Any, Any, torch.device], Any]] = None  # builds the agent instead of its class
+
+    @property
+    def path(self) -> Path:
+        return ALGORITHMS / (self.source or self.file)
+
+
+def make_cql_reference(module: Any, config: Any, device: torch.device) -> Any:
+    """The straightforward formulation of cql.py's update (scripts/cql_reference.py), same math."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from cql_reference import StraightforwardCQL
+
+    return StraightforwardCQL(module, config, OBS_DIM, ACT_DIM, device)
 
 
 # The measured algorithm files. IQL's update ignores the phase; it is measured in both phases so that
@@ -101,6 +116,8 @@ ENTRIES: List[Entry] = [
     Entry("awac.py"),
     Entry("awac_samg.py", base="awac.py", switch=samg_switch),
     Entry("cql_samg.py", base="cql.py", switch=cql_samg_switch),
+    # The reference point of cql.py's speed: "vs base" is the reference's time over cql.py's.
+    Entry("cql.py (straightforward)", base="cql.py", source="cql.py", make=make_cql_reference, phases=("offline",)),
 ]
 ENTRY_BY_FILE = {entry.file: entry for entry in ENTRIES}
 
@@ -174,10 +191,11 @@ def random_batches(module: Any, batch_size: int, device: torch.device) -> List[A
 
 def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     entry = ENTRY_BY_FILE[job["file"]]
-    module = load_module(ALGORITHMS / entry.file)
-    cls = agent_class(module, entry.agent)
+    module = load_module(entry.path)
     config = module.TrainConfig()
-    agent = cls(config, OBS_DIM, ACT_DIM, device)
+    agent = entry.make(module, config, device) if entry.make else agent_class(module, entry.agent)(
+        config, OBS_DIM, ACT_DIM, device)
+    cls = type(agent)
     if job["phase"] == "online":
         if entry.switch is not None:
             entry.switch(module, agent, config, device)
@@ -247,6 +265,14 @@ def commit_label() -> str:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     changes = git("status", "--porcelain", "--", "algorithms").splitlines()
     return commit + (f"+dirty ({'; '.join(c.strip() for c in changes)})" if changes else "")
+
+
+def algorithms_digest() -> str:
+    """Hash of the algorithm files' contents, to notice edits made while a run is measuring them."""
+    digest = hashlib.sha1()
+    for path in sorted(ALGORITHMS.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def mib_per_million_transitions(obs_dim: int, act_dim: int) -> float:
@@ -413,16 +439,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"--files: {sorted(wanted - {e.file for e in ENTRIES})} not in ENTRIES "
                          f"({', '.join(e.file for e in ENTRIES)}).")
     entries = [e for e in ENTRIES if not wanted or e.file in wanted]
-    skipped = [e.file for e in entries if not (ALGORITHMS / e.file).is_file()]
+    skipped = [e.file for e in entries if not e.path.is_file()]
     entries = [e for e in entries if e.file not in skipped]
     if not entries:
         raise SystemExit("No algorithm file to measure.")
 
     command = shlex.join(["python", "scripts/throughput.py", *(sys.argv[1:] if argv is None else argv)])
-    load_before, commit = load_average(), commit_label()
+    load_before, commit, digest = load_average(), commit_label(), algorithms_digest()
     rows, peaks, failures, device_name, max_load = measure_all(args, entries, threads)
-    if commit_label() != commit:
-        commit += f" at the start, {commit_label()} at the end (the code changed during the run)"
+    if algorithms_digest() != digest:
+        commit += " at the start; WARNING: algorithms/ changed during the run, passes may have measured different code"
     if not rows:
         raise SystemExit("Every update measurement failed:\n" + "\n".join(failures))
     first = rows[0]
