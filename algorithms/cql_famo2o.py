@@ -781,7 +781,7 @@ class QNetwork(nn.Module):
         return run_linear(self.out, x, detached).squeeze(-1)
 
 
-class TwinQ(nn.Module):
+class CriticPair(nn.Module):
     """Two Q networks, each evaluated once on every (s, a) row: states (R, S) and actions (..., R, A)
     -> (2, ..., R). Stacking the actions of one state in one call beats one call per action group."""
 
@@ -818,7 +818,7 @@ class FamO2OConservativeQLearning:
     def __init__(self, config: TrainConfig, obs_dim: int, act_dim: int, device: torch.device):
         self.config, self.device, self.act_dim = config, device, act_dim
         self.discount, self.tau = config.discount, config.tau
-        self.qf = TwinQ(obs_dim, act_dim, config.hidden_dim, config.q_n_hidden, config.q_layer_norm).to(device)
+        self.qf = CriticPair(obs_dim, act_dim, config.hidden_dim, config.q_n_hidden, config.q_layer_norm).to(device)
         self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
         self.actor = UniversalPolicy(obs_dim, act_dim, config.hidden_dim, config.actor_n_hidden).to(device)
         self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=config.qf_lr, fused=True)
