@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from machine import cpu_model  # scripts/machine.py (this script's directory is on sys.path)
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -241,16 +243,6 @@ def run_worker(job: Dict[str, Any]) -> Dict[str, Any]:
               file=sys.stderr)
         return {"error": (process.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git(*args: str) -> str:
