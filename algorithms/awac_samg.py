@@ -385,6 +385,7 @@ class Batch(NamedTuple):
     rewards: torch.Tensor
     next_states: torch.Tensor
     dones: torch.Tensor
+    index: Optional[torch.Tensor] = None  # the sampled rows, for per-row side data (SAMG caches p by row)
 
 
 class ReplayBuffer:
@@ -431,7 +432,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> Batch:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         states, actions, rewards, next_states, dones = torch.split(self.rows[index], self.split, dim=1)
-        return Batch(states, actions, rewards.squeeze(1), next_states, dones.squeeze(1))
+        return Batch(states, actions, rewards.squeeze(1), next_states, dones.squeeze(1), index)
 
     def online_state_dict(self) -> Dict[str, Any]:
         """Online rows only (the offline rows are rebuilt from the dataset)."""
@@ -803,6 +804,13 @@ class SAMGGuide:
         self.mastered_states: Optional[torch.Tensor] = None
         self.mastered_actions: Optional[torch.Tensor] = None
         self.mastered_optimizer: Optional[torch.optim.Optimizer] = None
+        # With samg_coef_at = sa, p at a stored (s, a) is fixed while the C-VAE, its reference and the
+        # mastered set are, so each online transition is scored once (when first needed) and updates
+        # read p by buffer row: the same p without a C-VAE pass per update. Rescored after each
+        # adaptive round and after loading a checkpoint.
+        self.scored_buffer: Optional[ReplayBuffer] = None
+        self.row_p = self.row_p_raw = torch.zeros(0, device=device)
+        self.rows_scored = 0  # online transitions ever added whose p is in row_p
 
     def update_vae(self, states: torch.Tensor, actions: torch.Tensor, mastered: bool = False) -> Dict[str, torch.Tensor]:
         """One C-VAE step on (s, a) pairs: mean over pairs of the sampled negative ELBO."""
@@ -821,10 +829,31 @@ class SAMGGuide:
             self.vae.eval()
             self.coefficient.set_reference(pairs.reference_states, pairs.reference_actions)
 
+    def track(self, buffer: ReplayBuffer) -> None:
+        """Cache p by row for the online buffer's batches (vae mode with samg_coef_at = sa only:
+        the ablations' p is a constant or fresh noise, and p at (s', a') depends on the policy)."""
+        if self.config.samg_mode == "vae" and self.config.samg_coef_at == "sa":
+            self.scored_buffer, self.rows_scored = buffer, 0
+            self.row_p = torch.zeros(buffer.capacity, device=self.device)
+            self.row_p_raw = torch.zeros(buffer.capacity, device=self.device)
+
+    def score_new_rows(self) -> None:
+        buffer = self.scored_buffer
+        window = buffer.capacity - buffer.n_offline
+        first = max(self.rows_scored, buffer.online_added - window)  # older rows were overwritten
+        if first < buffer.online_added:
+            slots = buffer.n_offline + torch.arange(first, buffer.online_added, device=self.device) % window
+            states, actions, _, _, _ = torch.split(buffer.rows[slots], buffer.split, dim=1)
+            self.row_p[slots], self.row_p_raw[slots] = self.coefficient(states, actions)
+            self.rows_scored = buffer.online_added
+
     def coefficients(self, batch: Any, next_actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(p, p_raw) at the sample's (s, a), or at (s', a') with samg_coef_at = next."""
         if self.config.samg_coef_at == "next":
             return self.coefficient(batch.next_states, next_actions)
+        if self.scored_buffer is not None and batch.index is not None:  # a batch of the tracked buffer
+            self.score_new_rows()
+            return self.row_p[batch.index], self.row_p_raw[batch.index]
         return self.coefficient(batch.states, batch.actions)
 
     @staticmethod
@@ -862,6 +891,7 @@ class SAMGGuide:
                 coefficient.mastered_vae, self.mastered_states[sample], self.mastered_actions[sample]).sort().values
         if config.samg_refresh_offline_critic:
             self.q_offline = freeze(critic)
+        self.rows_scored = 0  # the mastered C-VAE changed p everywhere
         return {"samg/mastered_pairs": size, "samg/known_fraction": known.float().mean().item()}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -881,6 +911,7 @@ class SAMGGuide:
             self.q_offline = freeze(critic)
             self.q_offline.load_state_dict(state["q_offline"])
         self.coefficient.load_state_dict(state["coefficient"], self.obs_dim, self.act_dim)
+        self.rows_scored = 0
         self.mastered_states, self.mastered_actions = (None if t is None else t.to(self.device)
                                                        for t in state["mastered"])
         if self.coefficient.mastered_vae is not None:
@@ -1100,6 +1131,7 @@ def train(config: TrainConfig) -> Path:
     pairs = OfflinePairs(torch.as_tensor(offline["states"], device=device),
                          torch.as_tensor(offline["actions"], device=device), config.samg_reference_size, config.seed)
     online_buffer = ReplayBuffer(obs_dim, act_dim, config.buffer_size, device, online_only=True)
+    agent.samg.track(online_buffer)
     collector = OnlineCollector(env, transform, buffer, config.seed)
     start = 0
     checkpoint_path = run_dir / "checkpoint.pt"

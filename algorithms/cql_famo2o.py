@@ -405,6 +405,7 @@ class Batch(NamedTuple):
     rewards: torch.Tensor
     next_states: torch.Tensor
     dones: torch.Tensor
+    index: Optional[torch.Tensor] = None  # the sampled rows, for per-row side data (SAMG caches p by row)
 
 
 class ReplayBuffer:
@@ -451,7 +452,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> Batch:
         index = torch.randint(0, self.size, (batch_size,), device=self.device)
         states, actions, rewards, next_states, dones = torch.split(self.rows[index], self.split, dim=1)
-        return Batch(states, actions, rewards.squeeze(1), next_states, dones.squeeze(1))
+        return Batch(states, actions, rewards.squeeze(1), next_states, dones.squeeze(1), index)
 
     def online_state_dict(self) -> Dict[str, Any]:
         """Online rows only (the offline rows are rebuilt from the dataset)."""

@@ -55,7 +55,7 @@ class StraightforwardCQL:
 
     def update(self, batch: Any) -> Dict[str, torch.Tensor]:
         config, n = self.config, self.config.cql_n_actions
-        states, actions, rewards, next_states, dones = batch
+        states, actions, rewards, next_states, dones = batch[:5]
         size = states.shape[0]
         new_actions, log_pi = self.policy(states)
         alpha_loss = -(self.log_alpha * (log_pi + -float(self.act_dim)).detach()).mean()

@@ -10,9 +10,14 @@ Run (from the repository root):
 
 What is measured, per entry of ENTRIES (file, phase) and per thread count:
 
-- `agent.update(batch)` on Hopper-like dimensions (obs 11, act 3) with the file's `TrainConfig`
-  defaults (the paper hyperparameters: batch 256, 256x256 networks). Batches are random and
-  pre-generated on the device (a pool cycled through), so data generation is not timed.
+- One training-loop step's learning work, `agent.update(buffer.sample(batch_size))`, on Hopper-like
+  dimensions (obs 11, act 3) with the file's `TrainConfig` defaults (the paper hyperparameters:
+  batch 256, 256x256 networks), from the file's own `ReplayBuffer` holding random transitions
+  (`BUFFER_ROWS` of them). Online, each step also adds one transition, as the collector does (the
+  environment step itself is not timed), to the buffer the file's switch block trains on: the
+  offline rows plus online ones, or SAMG's online-only buffer with its per-row cache of p.
+  Offline, the SAMG files' step also trains the C-VAE (one `update_vae` on offline pairs), as their
+  training loop does: the offline rows of those files are the whole step's cost.
   `--warmup` untimed updates, then one timed run of N updates (N is sized from the warm-up so that
   the run lasts about `--seconds`). The whole set of measurements is repeated `--repeats` times, in
   passes over all entries, so that a burst of load from other processes hits all entries alike; the
@@ -51,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from machine import cpu_model  # scripts/machine.py (this script's directory is on sys.path)
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,24 +70,37 @@ OBS_DIM, ACT_DIM = 11, 3
 
 # Offline-to-online switches: what each file's "offline-to-online switch" block does to the agent,
 # besides `agent.online = True` (always set after it). Signature (module, agent, config, device).
+# A switch may return the buffer the online phase trains on (None: the offline buffer, kept).
 def cql_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
     agent.cql_alpha = config.cql_alpha_online
 
 
-def samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
-    """Freeze Q_off and score held-out offline pairs (random ones here) as the percentile reference."""
+def samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> Any:
+    """Freeze Q_off, score held-out offline pairs (random ones here) as the percentile reference, and
+    train on an online-only buffer whose p the guide caches by row (as in the file's train())."""
     n = 10 * config.samg_reference_size  # the held-out split is at most 10% of the pairs
     states = torch.randn(n, OBS_DIM, device=device)
     actions = torch.rand(n, ACT_DIM, device=device) * 2.0 - 1.0
     agent.samg.start_online(agent.qf, module.OfflinePairs(states, actions, config.samg_reference_size, 0))
+    online_buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, BUFFER_CAPACITY, device, online_only=True)
+    agent.samg.track(online_buffer)
+    return online_buffer
 
 
-def cql_samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> None:
+def cql_samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> Any:
     cql_switch(module, agent, config, device)
-    samg_switch(module, agent, config, device)
+    return samg_switch(module, agent, config, device)
 
 
-Switch = Callable[[Any, Any, Any, torch.device], None]
+Switch = Callable[[Any, Any, Any, torch.device], Any]
+
+
+def samg_offline_extra(module: Any, agent: Any, config: Any, device: torch.device) -> Callable[[], Any]:
+    """The C-VAE step that the SAMG files' offline training loop runs after each update."""
+    pairs = module.OfflinePairs(torch.randn(BUFFER_ROWS, OBS_DIM, device=device),
+                                torch.rand(BUFFER_ROWS, ACT_DIM, device=device) * 2.0 - 1.0,
+                                config.samg_reference_size, 0)
+    return lambda: agent.samg.update_vae(*pairs.sample(config.batch_size))
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ class Entry:
     phases: Tuple[str, ...] = ("offline", "online")
     source: Optional[str] = None  # the algorithm file to load when `file` is a label
     make: Optional[Callable[[Any, Any, torch.device], Any]] = None  # builds the agent instead of its class
+    offline_extra: Optional[Callable[..., Callable[[], Any]]] = None  # more offline work per loop step
 
     @property
     def path(self) -> Path:
@@ -116,15 +136,17 @@ ENTRIES: List[Entry] = [
     Entry("cql.py", switch=cql_switch),
     Entry("cql_famo2o.py", base="cql.py", switch=cql_switch),
     Entry("awac.py"),
-    Entry("awac_samg.py", base="awac.py", switch=samg_switch),
-    Entry("cql_samg.py", base="cql.py", switch=cql_samg_switch),
+    Entry("awac_samg.py", base="awac.py", switch=samg_switch, offline_extra=samg_offline_extra),
+    Entry("cql_samg.py", base="cql.py", switch=cql_samg_switch, offline_extra=samg_offline_extra),
     # The reference point of cql.py's speed: "vs base" is the reference's time over cql.py's.
     Entry("cql.py (straightforward)", base="cql.py", source="cql.py", make=make_cql_reference, phases=("offline",)),
 ]
 ENTRY_BY_FILE = {entry.file: entry for entry in ENTRIES}
 
 BUFFER_DIMS = {"Hopper": (11, 3), "HalfCheetah / Walker2d": (17, 6)}
-BATCH_POOL = 64  # pre-generated batches, cycled through
+BUFFER_ROWS = 10_000  # random transitions in the buffer before timing (also in SAMG's online-only buffer)
+BUFFER_CAPACITY = 100_000  # the gather's cost does not depend on it
+TRANSITION_POOL = 1024  # pre-generated online transitions, cycled through
 MATMUL_SIZES = (256, 1024)
 MIN_CALLS = 5  # timed calls per run, at least
 FULL_DEFAULTS = {"threads": "1,2", "warmup": 50, "seconds": 3.0, "repeats": 3}
@@ -178,17 +200,19 @@ def agent_class(module: Any, name: Optional[str]) -> type:
     return candidates[0]
 
 
-def random_batches(module: Any, batch_size: int, device: torch.device) -> List[Any]:
-    """A pool of random batches on the device (actions in [-1, 1], about 1 in 10 transitions terminal)."""
-    def one() -> Any:
-        return module.Batch(
-            states=torch.randn(batch_size, OBS_DIM, device=device),
-            actions=torch.rand(batch_size, ACT_DIM, device=device) * 2.0 - 1.0,
-            rewards=torch.randn(batch_size, device=device),
-            next_states=torch.randn(batch_size, OBS_DIM, device=device),
-            dones=(torch.rand(batch_size, device=device) < 0.1).float(),
-        )
-    return [one() for _ in range(BATCH_POOL)]
+def random_transitions(count: int, seed: int) -> Dict[str, Any]:
+    """Random transitions as numpy arrays (actions in [-1, 1], about 1 in 10 terminal)."""
+    rng = np.random.default_rng(seed)
+    return {"states": rng.standard_normal((count, OBS_DIM), dtype=np.float32),
+            "actions": rng.uniform(-1.0, 1.0, (count, ACT_DIM)).astype(np.float32),
+            "rewards": rng.standard_normal(count, dtype=np.float32),
+            "next_states": rng.standard_normal((count, OBS_DIM), dtype=np.float32),
+            "dones": (rng.random(count) < 0.1).astype(np.float32)}
+
+
+def add_transitions(buffer: Any, data: Dict[str, Any]) -> None:
+    for row in zip(data["states"], data["actions"], data["rewards"], data["next_states"], data["dones"]):
+        buffer.add(*row)
 
 
 def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -198,14 +222,32 @@ def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     agent = entry.make(module, config, device) if entry.make else agent_class(module, entry.agent)(
         config, OBS_DIM, ACT_DIM, device)
     cls = type(agent)
+    buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, BUFFER_CAPACITY, device)
+    buffer.add_offline(random_transitions(BUFFER_ROWS, seed=1))
+
+    extra = entry.offline_extra(module, agent, config, device) if entry.offline_extra else (lambda: None)
+
+    def step() -> Any:  # offline: one update (and the SAMG files' C-VAE step)
+        extra()
+        return agent.update(buffer.sample(config.batch_size))
+
     if job["phase"] == "online":
-        if entry.switch is not None:
-            entry.switch(module, agent, config, device)
+        online_buffer = entry.switch(module, agent, config, device) if entry.switch is not None else None
         agent.online = True
-    batches = itertools.cycle(random_batches(module, config.batch_size, device))
-    result = benchmark(lambda: agent.update(next(batches)), device, job["warmup"], job["seconds"])
+        if online_buffer is not None:
+            buffer = online_buffer
+            add_transitions(buffer, random_transitions(BUFFER_ROWS, seed=2))
+        pool = random_transitions(TRANSITION_POOL, seed=3)
+        transitions = itertools.cycle(list(zip(*(pool[k] for k in ("states", "actions", "rewards",
+                                                                   "next_states", "dones")))))
+
+        def step() -> Any:  # online: the collector adds one transition, then one update
+            buffer.add(*next(transitions))
+            return agent.update(buffer.sample(config.batch_size))
+
+    result = benchmark(step, device, job["warmup"], job["seconds"])
     with FlopCounterMode(display=False) as counter:
-        agent.update(next(batches))
+        step()
     network = ", ".join(f"{k} {v}" for k, v in vars(config).items() if "hidden" in k)
     return {**result, "agent": cls.__name__, "flops_per_call": counter.get_total_flops(),
             "config": f"batch_size {config.batch_size}, {network}"}
@@ -455,7 +497,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                     f"measurement itself is up to {max(threads)})",
         "Setup": f"obs_dim {OBS_DIM}, act_dim {ACT_DIM}, each file's TrainConfig defaults ("
                  + "; ".join(sorted({f"{r['file']}: {r['config']}" for r in rows})) + "); "
-                 f"random batches (pool of {BATCH_POOL}); {args.warmup} warm-up updates, then one timed "
+                 f"batches sampled from the file's ReplayBuffer of {BUFFER_ROWS} random transitions, online "
+                 f"one transition added per update; {args.warmup} warm-up updates, then one timed "
                  f"run of ~{args.seconds:g} s and at least {MIN_CALLS} updates (e.g. {first['updates_per_run']:.0f} "
                  f"updates for {first['file']} {first['phase']} at {first['threads']} thread(s)), in each of "
                  f"{args.repeats} pass(es) over all entries; device {args.device}",

@@ -188,6 +188,104 @@ def test_online_buffer_refuses_offline_data(samg):
     assert set(buffer.sample(500).rewards.tolist()) == set(range(7))  # every index < number of steps
 
 
+def fill(buffer, count, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        buffer.add(rng.standard_normal(OBS_DIM), rng.uniform(-1, 1, ACT_DIM), float(rng.standard_normal()),
+                   rng.standard_normal(OBS_DIM), 0.0)
+
+
+def test_p_cached_by_buffer_row_equals_p_at_the_sampled_pairs(samg):
+    """Each online transition is scored once; the batch's p is read by row and equals the C-VAE's p
+    at the batch's (s, a), also after the FIFO window wraps and after a checkpoint reload."""
+    agent = go_online(make_agent(samg), samg)
+    buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 50, torch.device("cpu"), online_only=True)
+    agent.samg.track(buffer)
+    scored = []
+    original = agent.samg.coefficient.__class__.__call__
+
+    def counting(self, states, actions):
+        scored.append(states.shape[0])
+        return original(self, states, actions)
+
+    agent.samg.coefficient.__class__.__call__ = counting
+    try:
+        fill(buffer, 30)
+        for count in (0, 1, 64):  # 30 rows, then one more, then a wrap-around of the 50-row window
+            fill(buffer, count, seed=count + 1)
+            batch = buffer.sample(BATCH)
+            p, p_raw = agent.samg.coefficients(batch, None)
+            scored_now = sum(scored)
+            expected_p, expected_raw = original(agent.samg.coefficient, batch.states, batch.actions)
+            # the same C-VAE on one row or on a batch may round differently: at most one reference rank
+            tolerance = 1.0 / agent.samg.coefficient.reference.numel() + 1e-6
+            assert (p_raw - expected_raw).abs().max() <= tolerance
+            assert ((p - expected_p).abs() <= tolerance).all()
+            scored.clear()
+            agent.samg.coefficients(buffer.sample(BATCH), None)
+            assert sum(scored) == 0  # no new rows: no C-VAE pass
+            assert scored_now == {0: 30, 1: 1, 64: 50}[count]  # each new row once; overwritten rows skipped
+            scored.clear()
+    finally:
+        agent.samg.coefficient.__class__.__call__ = original
+
+    restored = make_agent(samg)
+    restored.load_state_dict(copy.deepcopy(agent.state_dict()))
+    restored.samg.track(buffer)
+    restored.samg.coefficient.reference = restored.samg.coefficient.reference + 1.0  # a different C-VAE reference
+    batch = buffer.sample(BATCH)
+    assert not torch.equal(restored.samg.coefficients(batch, None)[1], agent.samg.coefficients(batch, None)[1])
+    agent.samg.load_state_dict(restored.samg.state_dict(), agent.qf)  # a reload rescores every row
+    torch.testing.assert_close(agent.samg.coefficients(batch, None), restored.samg.coefficients(batch, None),
+                               rtol=0, atol=0)
+
+
+def test_adaptive_round_adds_mastered_pairs_and_rescores_the_cache(samg):
+    """SAMG.md 1.6: OOD pairs (p_raw < p_m) whose TD error is at most the quantile of the known pairs'
+    join the mastered set; afterwards p_raw is the max of both percentiles, in the row cache too."""
+    agent = go_online(make_agent(samg, samg_adapt_vae_iterations=3, samg_p_m=0.5), samg)
+    buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 200, torch.device("cpu"), online_only=True)
+    agent.samg.track(buffer)
+    fill(buffer, 100)
+    recent = buffer.sample(100)
+    _, before = agent.samg.coefficients(recent, None)
+    assert agent.samg.rows_scored == 100
+    known = before >= 0.5
+    assert known.any() and (~known).any()
+    td_errors = torch.linspace(0.0, 1.0, 100)
+    expected = ~known & (td_errors <= torch.quantile(td_errors[known], 0.25))
+    info = agent.samg.adaptive_round(recent, td_errors, agent.qf)
+    assert info["samg/mastered_pairs"] == int(expected.sum()) > 0
+    assert torch.equal(agent.samg.mastered_states, recent.states[expected])
+    assert agent.samg.rows_scored == 0
+    coefficient = agent.samg.coefficient
+    offline = coefficient.percentile(coefficient.scores(coefficient.vae, recent.states, recent.actions),
+                                     coefficient.reference)
+    mastered = coefficient.percentile(coefficient.scores(coefficient.mastered_vae, recent.states, recent.actions),
+                                      coefficient.mastered_reference)
+    _, after = agent.samg.coefficients(recent, None)
+    tolerance = 1.0 / min(coefficient.reference.numel(), coefficient.mastered_reference.numel()) + 1e-6
+    assert ((after - torch.maximum(offline, mastered)).abs() <= tolerance).all()
+    assert (after >= before - tolerance).all()
+
+
+def test_p_is_not_cached_for_noise_or_next_pairs(samg):
+    for overrides in ({"samg_mode": "random"}, {"samg_coef_at": "next"}):
+        agent = go_online(make_agent(samg, **overrides), samg)
+        buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 50, torch.device("cpu"), online_only=True)
+        agent.samg.track(buffer)
+        fill(buffer, 20)
+        batch = buffer.sample(BATCH)
+        next_actions = torch.rand(BATCH, ACT_DIM) * 2 - 1
+        if overrides.get("samg_mode") == "random":  # fresh noise per call
+            assert not torch.equal(agent.samg.coefficients(batch, next_actions)[0],
+                                   agent.samg.coefficients(batch, next_actions)[0])
+        else:  # p at (s', a')
+            torch.testing.assert_close(agent.samg.coefficients(batch, next_actions),
+                                       agent.samg.coefficient(batch.next_states, next_actions), rtol=0, atol=0)
+        assert agent.samg.scored_buffer is None
+
+
 def test_max_backup_with_one_action_equals_the_plain_target(load_algorithm):
     module = load_algorithm("cql_samg")
     batch = random_batch(module)
