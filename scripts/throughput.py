@@ -215,41 +215,45 @@ def add_transitions(buffer: Any, data: Dict[str, Any]) -> None:
         buffer.add(*row)
 
 
-def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    entry = ENTRY_BY_FILE[job["file"]]
+def training_step(entry: Entry, phase: str, device: torch.device) -> Tuple[Callable[[], Any], Any, Any]:
+    """(step, agent, config): one training-loop step's learning work for the entry in the phase."""
     module = load_module(entry.path)
     config = module.TrainConfig()
     agent = entry.make(module, config, device) if entry.make else agent_class(module, entry.agent)(
         config, OBS_DIM, ACT_DIM, device)
-    cls = type(agent)
     buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, BUFFER_CAPACITY, device)
     buffer.add_offline(random_transitions(BUFFER_ROWS, seed=1))
+    if phase == "offline":
+        extra = entry.offline_extra(module, agent, config, device) if entry.offline_extra else (lambda: None)
 
-    extra = entry.offline_extra(module, agent, config, device) if entry.offline_extra else (lambda: None)
-
-    def step() -> Any:  # offline: one update (and the SAMG files' C-VAE step)
-        extra()
-        return agent.update(buffer.sample(config.batch_size))
-
-    if job["phase"] == "online":
-        online_buffer = entry.switch(module, agent, config, device) if entry.switch is not None else None
-        agent.online = True
-        if online_buffer is not None:
-            buffer = online_buffer
-            add_transitions(buffer, random_transitions(BUFFER_ROWS, seed=2))
-        pool = random_transitions(TRANSITION_POOL, seed=3)
-        transitions = itertools.cycle(list(zip(*(pool[k] for k in ("states", "actions", "rewards",
-                                                                   "next_states", "dones")))))
-
-        def step() -> Any:  # online: the collector adds one transition, then one update
-            buffer.add(*next(transitions))
+        def offline_step() -> Any:  # one update (and the SAMG files' C-VAE step)
+            extra()
             return agent.update(buffer.sample(config.batch_size))
 
+        return offline_step, agent, config
+
+    online_buffer = entry.switch(module, agent, config, device) if entry.switch is not None else None
+    agent.online = True
+    if online_buffer is not None:
+        buffer = online_buffer
+        add_transitions(buffer, random_transitions(BUFFER_ROWS, seed=2))
+    pool = random_transitions(TRANSITION_POOL, seed=3)
+    transitions = itertools.cycle(list(zip(*(pool[k] for k in ("states", "actions", "rewards", "next_states", "dones")))))
+
+    def online_step() -> Any:  # the collector adds one transition, then one update
+        buffer.add(*next(transitions))
+        return agent.update(buffer.sample(config.batch_size))
+
+    return online_step, agent, config
+
+
+def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    step, agent, config = training_step(ENTRY_BY_FILE[job["file"]], job["phase"], device)
     result = benchmark(step, device, job["warmup"], job["seconds"])
     with FlopCounterMode(display=False) as counter:
         step()
     network = ", ".join(f"{k} {v}" for k, v in vars(config).items() if "hidden" in k)
-    return {**result, "agent": cls.__name__, "flops_per_call": counter.get_total_flops(),
+    return {**result, "agent": type(agent).__name__, "flops_per_call": counter.get_total_flops(),
             "config": f"batch_size {config.batch_size}, {network}"}
 
 
