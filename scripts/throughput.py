@@ -7,6 +7,7 @@ Run (from the repository root):
     python scripts/throughput.py --device cuda            # GPU (the thread count still applies to the host)
     python scripts/throughput.py --quick --out-dir /tmp/tp   # smoke mode: a few updates, one pass, 1 thread
     python scripts/throughput.py --quick --files iql.py --out-dir /tmp/tp   # one file (a few seconds)
+    python scripts/throughput.py --compile --threads 1 --files iql.py,cql.py --out-dir results/compile
 
 What is measured, per entry of ENTRIES (file, phase) and per thread count:
 
@@ -26,6 +27,10 @@ What is measured, per entry of ENTRIES (file, phase) and per thread count:
   (element-wise ops and optimizer steps are not counted), and the achieved GFLOP/s.
 - A float32 matmul peak at the same thread count: (256x256)@(256x256), the shape of the hidden
   layers at batch 256, and (1024x1024)@(1024x1024).
+
+With `--compile`, every entry is also measured with the agent's networks compiled in place
+(`nn.Module.compile()`, default inductor backend; compilation untimed), as a row "<file> (torch.compile)"
+whose "vs base" is its time over the same file's eager time in the same run.
 
 Every measurement (entry, phase, threads, pass) runs in its own subprocess (`--worker JOB`), so
 thread settings and allocator state do not leak between entries. Entries whose file does not exist
@@ -151,6 +156,8 @@ MATMUL_SIZES = (256, 1024)
 MIN_CALLS = 5  # timed calls per run, at least
 FULL_DEFAULTS = {"threads": "1,2", "warmup": 50, "seconds": 3.0, "repeats": 3}
 QUICK_DEFAULTS = {"threads": "1", "warmup": 3, "seconds": 0.0, "repeats": 1}  # --quick: MIN_CALLS timed updates
+COMPILE_CALLS = 3  # untimed steps before the warm-up of a compiled entry
+COMPILED_SUFFIX = " (torch.compile)"  # rows of --compile; their "vs base" is over the same file in eager mode
 FAMO2O_BUDGET = 1.5  # project requirement: a FamO2O-style update costs at most this many base updates
 
 
@@ -215,8 +222,18 @@ def add_transitions(buffer: Any, data: Dict[str, Any]) -> None:
         buffer.add(*row)
 
 
-def training_step(entry: Entry, phase: str, device: torch.device) -> Tuple[Callable[[], Any], Any, Any]:
-    """(step, agent, config): one training-loop step's learning work for the entry in the phase."""
+def compile_networks(agent: Any) -> None:
+    """torch.compile every network the agent (and its SAMG guide) holds, in place (nn.Module.compile)."""
+    for owner in (agent, getattr(agent, "samg", None)):
+        for value in (vars(owner).values() if owner is not None else ()):
+            if isinstance(value, torch.nn.Module):
+                value.compile()
+
+
+def training_step(entry: Entry, phase: str, device: torch.device, compiled: bool = False
+                  ) -> Tuple[Callable[[], Any], Any, Any]:
+    """(step, agent, config): one training-loop step's learning work for the entry in the phase;
+    `compiled`: with the agent's networks compiled (after the switch, which copies networks)."""
     module = load_module(entry.path)
     config = module.TrainConfig()
     agent = entry.make(module, config, device) if entry.make else agent_class(module, entry.agent)(
@@ -224,6 +241,8 @@ def training_step(entry: Entry, phase: str, device: torch.device) -> Tuple[Calla
     buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, BUFFER_CAPACITY, device)
     buffer.add_offline(random_transitions(BUFFER_ROWS, seed=1))
     if phase == "offline":
+        if compiled:
+            compile_networks(agent)
         extra = entry.offline_extra(module, agent, config, device) if entry.offline_extra else (lambda: None)
 
         def offline_step() -> Any:  # one update (and the SAMG files' C-VAE step)
@@ -234,6 +253,8 @@ def training_step(entry: Entry, phase: str, device: torch.device) -> Tuple[Calla
 
     online_buffer = entry.switch(module, agent, config, device) if entry.switch is not None else None
     agent.online = True
+    if compiled:
+        compile_networks(agent)
     if online_buffer is not None:
         buffer = online_buffer
         add_transitions(buffer, random_transitions(BUFFER_ROWS, seed=2))
@@ -248,7 +269,10 @@ def training_step(entry: Entry, phase: str, device: torch.device) -> Tuple[Calla
 
 
 def measure_update(job: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    step, agent, config = training_step(ENTRY_BY_FILE[job["file"]], job["phase"], device)
+    step, agent, config = training_step(ENTRY_BY_FILE[job["file"]], job["phase"], device, job.get("compiled", False))
+    if job.get("compiled", False):
+        for _ in range(COMPILE_CALLS):  # compilation (and recompilation for new shapes) is not timed
+            step()
     result = benchmark(step, device, job["warmup"], job["seconds"])
     with FlopCounterMode(display=False) as counter:
         step()
@@ -327,8 +351,9 @@ def summarize(runs: List[Dict[str, Any]], peaks: Dict[int, float]) -> Dict[str, 
     update = runs[0]
     seconds = statistics.median(r["seconds_per_call"] for r in runs)
     achieved = update["flops_per_call"] / seconds / 1e9
+    compiled = update.get("compiled", False)
     return {
-        "file": update["file"],
+        "file": update["file"] + (COMPILED_SUFFIX if compiled else ""),
         "agent": update["agent"],
         "phase": update["phase"],
         "threads": update["threads"],
@@ -342,7 +367,7 @@ def summarize(runs: List[Dict[str, Any]], peaks: Dict[int, float]) -> Dict[str, 
         "achieved_gflops": achieved,
         **{f"matmul{n}_gflops": peaks[n] for n in MATMUL_SIZES},
         **{f"pct_of_matmul{n}": 100.0 * achieved / peaks[n] for n in MATMUL_SIZES},
-        "base": ENTRY_BY_FILE[update["file"]].base or "",
+        "base": update["file"] if compiled else ENTRY_BY_FILE[update["file"]].base or "",
         "vs_base": None,
         "mib_per_million_transitions": mib_per_million_transitions(OBS_DIM, ACT_DIM),
     }
@@ -405,8 +430,8 @@ def measure_all(args: argparse.Namespace, entries: Sequence[Entry], threads: Seq
     jobs = []
     for k in threads:
         jobs.append({**common, "kind": "matmul", "threads": k})
-        jobs += [{**common, "kind": "update", "threads": k, "file": e.file, "phase": phase}
-                 for e in entries for phase in e.phases]
+        jobs += [{**common, "kind": "update", "threads": k, "file": e.file, "phase": phase, "compiled": compiled}
+                 for e in entries for phase in e.phases for compiled in ((False, True) if args.compile else (False,))]
     results: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
     errors: Dict[int, str] = {}
     max_load = os.getloadavg()[0]
@@ -416,7 +441,8 @@ def measure_all(args: argparse.Namespace, entries: Sequence[Entry], threads: Seq
                 continue
             result = run_worker(job)
             max_load = max(max_load, os.getloadavg()[0])
-            name = "matmul" if job["kind"] == "matmul" else f"{job['file']} {job['phase']}"
+            name = "matmul" if job["kind"] == "matmul" else \
+                f"{job['file']}{COMPILED_SUFFIX if job['compiled'] else ''} {job['phase']}"
             if "error" in result:
                 if job["kind"] == "matmul":
                     raise SystemExit(f"The matmul measurement failed: {result['error']}")
@@ -454,6 +480,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="passes over all measurements, one timed run each; the median is reported (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: defaults become 3 warm-up updates, 5 timed updates, 1 pass, 1 thread")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure each entry with its networks torch.compile'd (vs base: over eager)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results")
     parser.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
