@@ -22,7 +22,8 @@ Deviations from CORL's finetune/awac.py, each with its reason:
 3. Data comes from Minari and environments from gymnasium (`-v5`); only `terminations` mask the
    bootstrap; rewards are rescaled by max_episode_steps / (return range) (AntMaze: r - 1) with the
    same constants offline and online; states are standardised with the dataset's statistics.
-4. Both critics are evaluated in one batched call (weights stacked, orthogonal initialisation);
+4. Both critics are evaluated in one batched call (weights stacked); critics and actor use
+   orthogonal initialisation (CORL: PyTorch's default);
    checkpoints hold optimizers and counters (CORL's AWAC saves networks only), resume and
    `--load_model` work as in every file here.
 5. Evaluation runs in a separate environment, episodes seeded `eval_seed + i`; metrics are logged

@@ -24,16 +24,30 @@ with the spec's default, and each is a deviation risk):
    encoder-only formulas, the literal reading of the reviews, collapse to p ~ 1 for every input with
    a standard C-VAE (SAMG.md 1.4); they remain as `encoder_tail`, `encoder_gauss`, `encoder_post`.
 2. C-VAE: BCQ defaults (750x2, latent 2 * act_dim, KL weight 0.5, Adam 1e-3), one step per offline
-   update for `samg_vae_iterations` steps on its own batches; the reference is a held-out split
-   (`samg_reference_size`, at most 10% of the data) scored at the switch and stored in checkpoints.
+   update for `samg_vae_iterations` steps on its own batches. Its loss sums the squared error over
+   action dimensions and the KL over latent dimensions (SAMG.md's formula; BCQ averages each, which
+   weighs the KL differently). The reference is a held-out split (`samg_reference_size`, at most 10%
+   of the data, fixed by the dataset, not by --seed) scored at the switch and stored in checkpoints;
+   a fine-tuning run refuses a checkpoint from after the switch, one whose C-VAE never trained, and
+   a reference larger than the pretraining run's. p is scored once per stored online transition
+   (it depends on nothing else) and read by buffer row in the updates. The offline (s, a) pairs stay
+   in memory during the online phase (SAMG.md 1.2 discards the dataset; only the reference is used).
 3. p is evaluated at the sample's (s, a) (`samg_coef_at sa`; `next` evaluates it at each (s', a'));
    p_m = 0.2; Q_off is the offline critic (not its target), aggregated by min over twins like Qt.
 4. The penalty: `samg_cql_penalty base` keeps CQL's penalty unchanged (default); `one_minus_p`
    weighs each sample's penalty by 1 - p(s, a), the regulariser applied to (1 - p) Q + p Q_off.
-   The paper's "offline version weighted by p" is not specified further (SAMG.md 2.2).
-5. Static coefficient by default; `samg_adaptive` enables the reconstruction of section 1.6.
+   The paper's "offline version weighted by p" is not specified further (SAMG.md 2.2). With
+   `samg_coef_at next` the weight is 1 - p(s', a') at the backed-up a'; with `cql_lagrange` the
+   multiplier is tuned on the weighted gap, so it partly undoes the weighting.
+5. Static coefficient by default; `samg_adaptive` enables the reconstruction of section 1.6 (see
+   awac_samg.py's docstring: frozen snapshots of the mastered C-VAE join p_raw's max).
 6. Updates start once the online buffer holds `samg_learning_starts` transitions; optimizer states
    and the temperatures carry over at the switch; reward and state constants stay the offline ones.
+7. Defaults are cql.py's (the official CQL+FamO2O locomotion settings: Q and actor 2x256 with
+   LayerNorm Q, learning rates 3e-4, CQL weight 1.0, no max-target backup), not SAMG.md section 3's
+   CQL settings (actor 256x3, Q 256x3, policy lr 1e-4, weight 10 offline, max-target backup), so
+   that the diff against cql.py shows SAMG only; those are `--actor_n_hidden 3 --q_n_hidden 3
+   --actor_lr 1e-4 --cql_alpha 10 --cql_max_target_backup true`.
 Everything else is algorithms/cql.py, with its own list of deviations from CORL.
 """
 import copy
@@ -82,7 +96,7 @@ class TrainConfig:
     eval_episodes: int = 10
     # Transitions per gradient update
     batch_size: int = 256
-    # Replay capacity: all offline data plus a first-in first-out window of online data
+    # Replay capacity: offline, all offline data; online (SAMG), a first-in first-out window of online data only
     buffer_size: int = 2000000
     # Discount factor gamma
     discount: float = 0.99
@@ -132,6 +146,10 @@ class TrainConfig:
     cql_temp: float = 1.0
     # Back up the max over cql_n_actions next actions instead of one sample
     cql_max_target_backup: bool = False
+    # Lower clip of the per-state penalty difference
+    cql_clip_diff_min: float = -1e9
+    # Upper clip of the per-state penalty difference
+    cql_clip_diff_max: float = 1e9
     # Coefficient mode: vae (SAMG), zero (p = 0), even (p = 1/2), random (p ~ U(0, 1) per sample)
     samg_mode: str = "vae"
     # p_raw from the C-VAE: elbo_percentile, or encoder_tail / encoder_gauss / encoder_post (ablations)
@@ -164,10 +182,6 @@ class TrainConfig:
     samg_refresh_offline_critic: bool = False
     # CQL penalty online: base (unchanged) or one_minus_p (each sample's penalty times 1 - p)
     samg_cql_penalty: str = "base"
-    # Lower clip of the per-state penalty difference
-    cql_clip_diff_min: float = -1e9
-    # Upper clip of the per-state penalty difference
-    cql_clip_diff_max: float = 1e9
     # Root directory of run directories (config, metrics, checkpoints)
     checkpoints_path: str = "runs"
     # Offline checkpoint to start from (with --offline_iterations 0 to fine-tune it)
@@ -749,11 +763,15 @@ class SAMGCoefficient:
             raise UserError(f"--samg_coef must be one of {', '.join(SAMG_COEFFICIENTS)}, not '{config.samg_coef}'.")
         if config.samg_coef_at not in ("sa", "next"):
             raise UserError(f"--samg_coef_at must be sa or next, not '{config.samg_coef_at}'.")
+        if config.samg_adaptive and config.samg_mode == "vae" and config.samg_coef != "elbo_percentile":
+            raise UserError("--samg_adaptive takes the max of ELBO percentiles (SAMG.md section 1.6); "
+                            f"it needs --samg_coef elbo_percentile, not '{config.samg_coef}'.")
         self.vae, self.config, self.device = vae, config, device
         self.reference: Optional[torch.Tensor] = None  # sorted negative ELBOs of held-out offline pairs
-        # Adaptive rounds (section 1.6): a second C-VAE of "mastered" online pairs, and its reference.
-        self.mastered_vae: Optional[ConditionalVAE] = None
-        self.mastered_reference: Optional[torch.Tensor] = None
+        # Adaptive rounds (section 1.6): one frozen (C-VAE, sorted negative ELBOs) snapshot of the
+        # mastered set per round; p_raw is the max over the offline percentile and every snapshot's,
+        # so it never decreases at a round (a single retrained C-VAE could lower it).
+        self.mastered: List[Tuple[ConditionalVAE, torch.Tensor]] = []
 
     @torch.no_grad()
     def scores(self, vae: ConditionalVAE, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -774,9 +792,8 @@ class SAMGCoefficient:
     def raw(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         if self.config.samg_coef == "elbo_percentile":
             p_raw = self.percentile(self.scores(self.vae, states, actions), self.reference)
-            if self.mastered_vae is not None:  # union of supports: never forgets the offline data
-                mastered = self.percentile(self.scores(self.mastered_vae, states, actions), self.mastered_reference)
-                p_raw = torch.maximum(p_raw, mastered)
+            for vae, reference in self.mastered:  # union of supports: never forgets the offline data
+                p_raw = torch.maximum(p_raw, self.percentile(self.scores(vae, states, actions), reference))
             return p_raw
         mean, std = self.vae.encode(states, actions)
         if self.config.samg_coef == "encoder_tail":  # mean_i 2 Phi(-|mu_i|)
@@ -791,7 +808,7 @@ class SAMGCoefficient:
         mode = self.config.samg_mode
         if mode == "vae":
             p_raw = self.raw(states, actions)
-            return torch.where(p_raw >= self.config.samg_p_m, p_raw, torch.zeros_like(p_raw)), p_raw
+            return self.threshold(p_raw), p_raw
         size = states.shape[0]
         if mode == "zero":
             p = torch.zeros(size, device=self.device)
@@ -801,18 +818,21 @@ class SAMGCoefficient:
             p = torch.rand(size, device=self.device)
         return p, p
 
+    def threshold(self, p_raw: torch.Tensor) -> torch.Tensor:
+        """Eq. 5: p = p_raw where p_raw >= p_m, else 0."""
+        return torch.where(p_raw >= self.config.samg_p_m, p_raw, torch.zeros_like(p_raw))
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"reference": self.reference, "mastered_reference": self.mastered_reference,
-                "mastered_vae": None if self.mastered_vae is None else self.mastered_vae.state_dict()}
+        return {"reference": self.reference,
+                "mastered": [(vae.state_dict(), reference) for vae, reference in self.mastered]}
 
     def load_state_dict(self, state: Dict[str, Any], obs_dim: int, act_dim: int) -> None:
-        self.reference, self.mastered_reference = state["reference"], state["mastered_reference"]
-        if self.reference is not None:
-            self.reference = self.reference.to(self.device)
-        if state["mastered_vae"] is not None:
-            self.mastered_vae = ConditionalVAE(obs_dim, act_dim, self.config.samg_vae_hidden).to(self.device)
-            self.mastered_vae.load_state_dict(state["mastered_vae"])
-            self.mastered_reference = self.mastered_reference.to(self.device)
+        self.reference = None if state["reference"] is None else state["reference"].to(self.device)
+        self.mastered = []
+        for vae_state, reference in state["mastered"]:
+            vae = ConditionalVAE(obs_dim, act_dim, self.config.samg_vae_hidden).to(self.device)
+            vae.load_state_dict(vae_state)
+            self.mastered.append((freeze(vae), reference.to(self.device)))
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -835,26 +855,46 @@ class SAMGGuide:
         self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.samg_vae_lr, fused=True)
         self.coefficient = SAMGCoefficient(self.vae, config, device)
         self.q_offline: Optional[nn.Module] = None  # frozen at the switch
+        self.vae_updates = 0  # C-VAE steps on the offline pairs (0: it never learnt them)
+        self.vae_held_out = 0  # held-out offline pairs of the run that trained the C-VAE
         self.mastered_states: Optional[torch.Tensor] = None
         self.mastered_actions: Optional[torch.Tensor] = None
+        self.mastered_vae: Optional[ConditionalVAE] = None  # trained at each round, warm-started
         self.mastered_optimizer: Optional[torch.optim.Optimizer] = None
         # With samg_coef_at = sa, p at a stored (s, a) is fixed while the C-VAE, its reference and the
-        # mastered set are, so each online transition is scored once (when first needed) and updates
-        # read p by buffer row: the same p without a C-VAE pass per update. Rescored after each
-        # adaptive round and after loading a checkpoint.
+        # mastered snapshots are, so each online transition is scored once (when first needed) and
+        # updates read p by buffer row: the same p without a C-VAE pass per update. Raised to the new
+        # snapshot's percentile at each adaptive round; rescored after loading a checkpoint.
         self.scored_buffer: Optional[ReplayBuffer] = None
         self.row_p = self.row_p_raw = torch.zeros(0, device=device)
         self.rows_scored = 0  # online transitions ever added whose p is in row_p
 
     def update_vae(self, states: torch.Tensor, actions: torch.Tensor, mastered: bool = False) -> Dict[str, torch.Tensor]:
         """One C-VAE step on (s, a) pairs: mean over pairs of the sampled negative ELBO."""
-        vae = self.coefficient.mastered_vae if mastered else self.vae
+        vae = self.mastered_vae if mastered else self.vae
         optimizer = self.mastered_optimizer if mastered else self.vae_optimizer
         loss = vae.negative_elbo(states, actions, self.config.samg_vae_kl_weight, sample=True)[0].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        self.vae_updates += 0 if mastered else 1
         return {"samg/vae_loss": loss.detach()}
+
+    def check_pretrained(self, online: bool, path: str, pairs: "OfflinePairs") -> None:
+        """A model to fine-tune must come from before the switch, with a trained C-VAE in vae mode,
+        and this run's reference pairs must be ones that C-VAE never trained on."""
+        if online:
+            raise UserError(f"{path} was saved after the offline-to-online switch, so its critic is no longer the "
+                            "offline one SAMG freezes as Q_off; fine-tune from the offline phase's checkpoint "
+                            "(offline.pt in the pretraining run's directory).")
+        if self.config.samg_mode == "vae" and self.vae_updates == 0:
+            raise UserError(f"The C-VAE in {path} was never trained (pretrained with --samg_mode other than vae or "
+                            "--samg_vae_iterations 0), so --samg_mode vae has no coefficient to use; pretrain "
+                            "with --samg_mode vae.")
+        if self.config.samg_mode == "vae" and pairs.held_out > self.vae_held_out:
+            raise UserError(f"--samg_reference_size gives {pairs.held_out} held-out reference pairs, but the C-VAE in "
+                            f"{path} was trained with only {self.vae_held_out} held out: the others were its training "
+                            f"data. Use --samg_reference_size {self.vae_held_out} or less.")
 
     def start_online(self, critic: nn.Module, pairs: "OfflinePairs") -> None:
         """The switch: freeze Q_off; score the held-out offline pairs as the percentile reference."""
@@ -862,6 +902,7 @@ class SAMGGuide:
         if self.config.samg_mode == "vae":
             self.vae.eval()
             self.coefficient.set_reference(pairs.reference_states, pairs.reference_actions)
+            self.rows_scored = 0
 
     def track(self, buffer: ReplayBuffer) -> None:
         """Cache p by row for the online buffer's batches (vae mode with samg_coef_at = sa only:
@@ -871,15 +912,32 @@ class SAMGGuide:
             self.row_p = torch.zeros(buffer.capacity, device=self.device)
             self.row_p_raw = torch.zeros(buffer.capacity, device=self.device)
 
-    def score_new_rows(self) -> None:
+    def stored_slots(self, first: int, end: int) -> torch.Tensor:
+        """Buffer rows of the online transitions first..end-1 still stored (older ones were overwritten)."""
         buffer = self.scored_buffer
         window = buffer.capacity - buffer.n_offline
-        first = max(self.rows_scored, buffer.online_added - window)  # older rows were overwritten
-        if first < buffer.online_added:
-            slots = buffer.n_offline + torch.arange(first, buffer.online_added, device=self.device) % window
+        first = max(first, buffer.online_added - window)
+        return buffer.n_offline + torch.arange(first, max(first, end), device=self.device) % window
+
+    def score_new_rows(self) -> None:
+        buffer = self.scored_buffer
+        slots = self.stored_slots(self.rows_scored, buffer.online_added)
+        if slots.numel():
             states, actions, _, _, _ = torch.split(buffer.rows[slots], buffer.split, dim=1)
             self.row_p[slots], self.row_p_raw[slots] = self.coefficient(states, actions)
-            self.rows_scored = buffer.online_added
+        self.rows_scored = buffer.online_added
+
+    def raise_scored_rows(self, vae: ConditionalVAE, reference: torch.Tensor) -> None:
+        """A new mastered snapshot: p_raw = max(p_raw, its percentile) on the rows already scored."""
+        if self.scored_buffer is None:
+            return
+        slots = self.stored_slots(0, self.rows_scored)
+        if slots.numel():
+            states, actions, _, _, _ = torch.split(self.scored_buffer.rows[slots], self.scored_buffer.split, dim=1)
+            coefficient = self.coefficient
+            p_raw = torch.maximum(self.row_p_raw[slots],
+                                  coefficient.percentile(coefficient.scores(vae, states, actions), reference))
+            self.row_p[slots], self.row_p_raw[slots] = coefficient.threshold(p_raw), p_raw
 
     def coefficients(self, batch: Any, next_actions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(p, p_raw) at the sample's (s, a), or at (s', a') with samg_coef_at = next."""
@@ -899,7 +957,8 @@ class SAMGGuide:
     def adaptive_round(self, recent: Any, td_errors: torch.Tensor, critic: nn.Module) -> Dict[str, Any]:
         """SAMG.md 1.6: OOD pairs (p_raw < p_m) of the recent online transitions whose TD error is
         at most the `samg_adapt_quantile` of the in-distribution pairs' join the mastered set, which a
-        second C-VAE learns (warm-started between rounds); p_raw becomes the max of both percentiles.
+        second C-VAE learns (warm-started between rounds); a frozen snapshot of it and its reference
+        (scored on mastered pairs it trained on: the set has no held-out split) join p_raw's max.
         Optionally Q_off <- frozen copy of the current critic."""
         config = self.config
         _, p_raw = self.coefficient(recent.states, recent.actions)
@@ -913,19 +972,20 @@ class SAMGGuide:
             self.mastered_states, self.mastered_actions = states, actions
         size = 0 if self.mastered_states is None else self.mastered_states.shape[0]
         if size > 0:
-            coefficient = self.coefficient
-            if coefficient.mastered_vae is None:
-                coefficient.mastered_vae = ConditionalVAE(self.obs_dim, self.act_dim, config.samg_vae_hidden).to(self.device)
-                self.mastered_optimizer = torch.optim.Adam(coefficient.mastered_vae.parameters(), lr=config.samg_vae_lr)
+            if self.mastered_vae is None:
+                self.mastered_vae = ConditionalVAE(self.obs_dim, self.act_dim, config.samg_vae_hidden).to(self.device)
+                self.mastered_optimizer = torch.optim.Adam(self.mastered_vae.parameters(), lr=config.samg_vae_lr)
             for _ in range(config.samg_adapt_vae_iterations):
                 index = torch.randint(0, size, (config.batch_size,), device=self.device)
                 self.update_vae(self.mastered_states[index], self.mastered_actions[index], mastered=True)
             sample = torch.randperm(size, device=self.device)[: config.samg_reference_size]
-            coefficient.mastered_reference = coefficient.scores(
-                coefficient.mastered_vae, self.mastered_states[sample], self.mastered_actions[sample]).sort().values
+            snapshot = freeze(self.mastered_vae)
+            reference = self.coefficient.scores(snapshot, self.mastered_states[sample],
+                                                self.mastered_actions[sample]).sort().values
+            self.coefficient.mastered.append((snapshot, reference))
+            self.raise_scored_rows(snapshot, reference)
         if config.samg_refresh_offline_critic:
             self.q_offline = freeze(critic)
-        self.rows_scored = 0  # the mastered C-VAE changed p everywhere
         return {"samg/mastered_pairs": size, "samg/known_fraction": known.float().mean().item()}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -933,8 +993,11 @@ class SAMGGuide:
             "vae": self.vae.state_dict(),
             "vae_optimizer": self.vae_optimizer.state_dict(),
             "q_offline": None if self.q_offline is None else self.q_offline.state_dict(),
+            "vae_updates": self.vae_updates,
+            "vae_held_out": self.vae_held_out,
             "coefficient": self.coefficient.state_dict(),
             "mastered": (self.mastered_states, self.mastered_actions),
+            "mastered_vae": None if self.mastered_vae is None else self.mastered_vae.state_dict(),
             "mastered_optimizer": None if self.mastered_optimizer is None else self.mastered_optimizer.state_dict(),
         }
 
@@ -944,23 +1007,32 @@ class SAMGGuide:
         if state["q_offline"] is not None:
             self.q_offline = freeze(critic)
             self.q_offline.load_state_dict(state["q_offline"])
+        self.vae_updates, self.vae_held_out = state["vae_updates"], state["vae_held_out"]
         self.coefficient.load_state_dict(state["coefficient"], self.obs_dim, self.act_dim)
         self.rows_scored = 0
         self.mastered_states, self.mastered_actions = (None if t is None else t.to(self.device)
                                                        for t in state["mastered"])
-        if self.coefficient.mastered_vae is not None:
-            self.mastered_optimizer = torch.optim.Adam(self.coefficient.mastered_vae.parameters(),
-                                                       lr=self.config.samg_vae_lr)
+        if state["mastered_vae"] is not None:
+            self.mastered_vae = ConditionalVAE(self.obs_dim, self.act_dim, self.config.samg_vae_hidden).to(self.device)
+            self.mastered_vae.load_state_dict(state["mastered_vae"])
+            self.mastered_optimizer = torch.optim.Adam(self.mastered_vae.parameters(), lr=self.config.samg_vae_lr)
             self.mastered_optimizer.load_state_dict(state["mastered_optimizer"])
 
 
 class OfflinePairs:
     """The offline (s, a) pairs for the C-VAE: a training split sampled on the device and a held-out
-    split whose negative ELBOs are the percentile reference (computed at the switch)."""
+    split whose negative ELBOs are the percentile reference (computed at the switch).
 
-    def __init__(self, states: torch.Tensor, actions: torch.Tensor, reference_size: int, seed: int):
-        order = torch.randperm(states.shape[0], generator=torch.Generator().manual_seed(seed)).to(states.device)
-        held_out = min(reference_size, states.shape[0] // 10)
+    The split depends on the dataset only (a fixed permutation seed, not the run's --seed), so a run
+    fine-tuning a pretrained model with another seed scores its reference on pairs that C-VAE never
+    trained on; a smaller --samg_reference_size gives a subset of the same held-out pairs."""
+
+    SPLIT_SEED = 0
+
+    def __init__(self, states: torch.Tensor, actions: torch.Tensor, reference_size: int):
+        order = torch.randperm(states.shape[0], generator=torch.Generator().manual_seed(self.SPLIT_SEED))
+        order = order.to(states.device)
+        self.held_out = held_out = min(reference_size, states.shape[0] // 10)
         self.reference_states, self.reference_actions = states[order[:held_out]], actions[order[:held_out]]
         self.states, self.actions = states[order[held_out:]], actions[order[held_out:]]
 
@@ -1142,7 +1214,7 @@ class SAMGConservativeQLearning:
                     states = batch.next_states.expand(samples, -1, -1).reshape(-1, batch.next_states.shape[-1])
                     p, p_raw = (c.view(samples, -1) for c in self.samg.coefficient(states, next_actions.flatten(0, 1)))
                 else:
-                    p, p_raw = self.samg.coefficient(batch.states, batch.actions)
+                    p, p_raw = self.samg.coefficients(batch, None)  # read by buffer row (p cached)
                 metrics = self.samg.metrics(p, p_raw, offline_q, next_q)
                 next_q = mix_targets(next_q, offline_q, p)
             next_q, best = next_q.max(0)
@@ -1270,7 +1342,8 @@ def train(config: TrainConfig) -> Path:
     buffer.add_offline(offline)
     # SAMG: the C-VAE's offline pairs, split into training pairs and the held-out reference.
     pairs = OfflinePairs(torch.as_tensor(offline["states"], device=device),
-                         torch.as_tensor(offline["actions"], device=device), config.samg_reference_size, config.seed)
+                         torch.as_tensor(offline["actions"], device=device), config.samg_reference_size)
+    agent.samg.vae_held_out = pairs.held_out  # a checkpoint loaded below brings its own
     online_buffer = ReplayBuffer(obs_dim, act_dim, config.buffer_size, device, online_only=True)
     agent.samg.track(online_buffer)
     collector = OnlineCollector(env, transform, buffer, config.seed)
@@ -1289,6 +1362,7 @@ def train(config: TrainConfig) -> Path:
     elif config.load_model:
         checkpoint = load_checkpoint(config.load_model, config, transform)
         load_agent_state(agent, checkpoint["agent"], config.load_model, fresh_schedule=True)
+        agent.samg.check_pretrained(agent.online, config.load_model, pairs)
         agent.online = False  # the switch block below runs for every fine-tuning run
         print(f"Loaded {config.load_model}.")
 
@@ -1344,7 +1418,6 @@ def train(config: TrainConfig) -> Path:
             states, actions, rewards, next_states, dones = torch.split(buffer.rows[recent], buffer.split, dim=1)
             logger.log(agent.adaptive_round(
                 Batch(states, actions, rewards.squeeze(1), next_states, dones.squeeze(1))), t)
-
 
         done = t + 1
         if done % config.log_every == 0 or done == total:

@@ -86,7 +86,7 @@ def samg_switch(module: Any, agent: Any, config: Any, device: torch.device) -> A
     n = 10 * config.samg_reference_size  # the held-out split is at most 10% of the pairs
     states = torch.randn(n, OBS_DIM, device=device)
     actions = torch.rand(n, ACT_DIM, device=device) * 2.0 - 1.0
-    agent.samg.start_online(agent.qf, module.OfflinePairs(states, actions, config.samg_reference_size, 0))
+    agent.samg.start_online(agent.qf, module.OfflinePairs(states, actions, config.samg_reference_size))
     online_buffer = module.ReplayBuffer(OBS_DIM, ACT_DIM, BUFFER_CAPACITY, device, online_only=True)
     agent.samg.track(online_buffer)
     return online_buffer
@@ -104,7 +104,7 @@ def samg_offline_extra(module: Any, agent: Any, config: Any, device: torch.devic
     """The C-VAE step that the SAMG files' offline training loop runs after each update."""
     pairs = module.OfflinePairs(torch.randn(BUFFER_ROWS, OBS_DIM, device=device),
                                 torch.rand(BUFFER_ROWS, ACT_DIM, device=device) * 2.0 - 1.0,
-                                config.samg_reference_size, 0)
+                                config.samg_reference_size)
     return lambda: agent.samg.update_vae(*pairs.sample(config.batch_size))
 
 

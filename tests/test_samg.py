@@ -42,7 +42,7 @@ def random_batch(module, seed=1, dones=None):
 
 def go_online(agent, module, offline_q_shift=0.0):
     """The switch, with a reference set of random pairs; optionally make Q_off differ from Qt."""
-    pairs = module.OfflinePairs(torch.randn(2000, OBS_DIM), torch.rand(2000, ACT_DIM) * 2 - 1, 200, seed=0)
+    pairs = module.OfflinePairs(torch.randn(2000, OBS_DIM), torch.rand(2000, ACT_DIM) * 2 - 1, 200)
     agent.samg.start_online(agent.qf, pairs)
     agent.online = True
     if offline_q_shift:
@@ -240,11 +240,12 @@ def test_p_cached_by_buffer_row_equals_p_at_the_sampled_pairs(samg):
                                rtol=0, atol=0)
 
 
-def test_adaptive_round_adds_mastered_pairs_and_rescores_the_cache(samg):
-    """SAMG.md 1.6: OOD pairs (p_raw < p_m) whose TD error is at most the quantile of the known pairs'
-    join the mastered set; afterwards p_raw is the max of both percentiles, in the row cache too."""
-    agent = go_online(make_agent(samg, samg_adapt_vae_iterations=3, samg_p_m=0.5), samg)
-    buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 200, torch.device("cpu"), online_only=True)
+def test_adaptive_rounds_add_mastered_pairs_and_never_lower_p(samg):
+    """SAMG.md 1.6 and 6.14: OOD pairs (p_raw < p_m) whose TD error is at most the quantile of the
+    known pairs' join the mastered set; each round adds a frozen snapshot to p_raw's max, so p_raw
+    never decreases, and the row cache equals the max over the offline and every snapshot percentile."""
+    agent = go_online(make_agent(samg, samg_adapt_vae_iterations=20, samg_p_m=0.5), samg)
+    buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 300, torch.device("cpu"), online_only=True)
     agent.samg.track(buffer)
     fill(buffer, 100)
     recent = buffer.sample(100)
@@ -257,16 +258,60 @@ def test_adaptive_round_adds_mastered_pairs_and_rescores_the_cache(samg):
     info = agent.samg.adaptive_round(recent, td_errors, agent.qf)
     assert info["samg/mastered_pairs"] == int(expected.sum()) > 0
     assert torch.equal(agent.samg.mastered_states, recent.states[expected])
-    assert agent.samg.rows_scored == 0
     coefficient = agent.samg.coefficient
-    offline = coefficient.percentile(coefficient.scores(coefficient.vae, recent.states, recent.actions),
-                                     coefficient.reference)
-    mastered = coefficient.percentile(coefficient.scores(coefficient.mastered_vae, recent.states, recent.actions),
-                                      coefficient.mastered_reference)
-    _, after = agent.samg.coefficients(recent, None)
-    tolerance = 1.0 / min(coefficient.reference.numel(), coefficient.mastered_reference.numel()) + 1e-6
-    assert ((after - torch.maximum(offline, mastered)).abs() <= tolerance).all()
-    assert (after >= before - tolerance).all()
+    probe_states, probe_actions = torch.randn(400, OBS_DIM), torch.rand(400, ACT_DIM) * 2 - 1
+    history = [coefficient.raw(probe_states, probe_actions)]
+    for round_seed in (1, 2):  # more rounds on other recent transitions: the snapshots accumulate
+        fill(buffer, 60, seed=10 + round_seed)
+        agent.samg.adaptive_round(buffer.sample(100), torch.rand(100), agent.qf)
+        history.append(coefficient.raw(probe_states, probe_actions))
+    assert len(coefficient.mastered) == 3 and all(not any(p.requires_grad for p in vae.parameters())
+                                                  for vae, _ in coefficient.mastered)
+    for earlier, later in zip(history, history[1:]):
+        assert (later >= earlier).all()
+    batch = buffer.sample(BATCH)
+    _, cached = agent.samg.coefficients(batch, None)
+    percentiles = [coefficient.percentile(coefficient.scores(vae, batch.states, batch.actions), reference)
+                   for vae, reference in [(coefficient.vae, coefficient.reference), *coefficient.mastered]]
+    tolerance = 1.0 / min(reference.numel() for _, reference in coefficient.mastered) + 1e-6
+    assert ((cached - torch.stack(percentiles).max(0).values).abs() <= tolerance).all()
+    restored = make_agent(samg, samg_adapt_vae_iterations=20, samg_p_m=0.5)
+    restored.load_state_dict(copy.deepcopy(agent.state_dict()))
+    torch.testing.assert_close(restored.samg.coefficient.raw(probe_states, probe_actions), history[-1],
+                               rtol=0, atol=0)
+
+
+def test_adaptive_rounds_need_the_elbo_percentile(samg):
+    with pytest.raises(samg.UserError, match="samg_coef elbo_percentile"):
+        make_agent(samg, samg_adaptive=True, samg_coef="encoder_tail")
+
+
+def test_reference_split_does_not_depend_on_the_run_seed(samg):
+    states, actions = torch.randn(3000, OBS_DIM), torch.rand(3000, ACT_DIM) * 2 - 1
+    torch.manual_seed(1)
+    first = samg.OfflinePairs(states, actions, 200)
+    torch.manual_seed(2)
+    second = samg.OfflinePairs(states, actions, 100)
+    assert first.held_out == 200 and second.held_out == 100
+    assert torch.equal(first.reference_states[:100], second.reference_states)  # smaller: a subset
+    training = {tuple(row.tolist()) for row in first.states}
+    assert not any(tuple(row.tolist()) in training for row in second.reference_states)
+
+
+def test_fine_tuning_refuses_unsuitable_checkpoints(samg):
+    pairs = samg.OfflinePairs(torch.randn(3000, OBS_DIM), torch.rand(3000, ACT_DIM) * 2 - 1, 200)
+    agent = make_agent(samg)
+    agent.samg.vae_held_out = 100
+    with pytest.raises(samg.UserError, match="after the offline-to-online switch"):
+        agent.samg.check_pretrained(True, "x.pt", pairs)
+    with pytest.raises(samg.UserError, match="never trained"):
+        agent.samg.check_pretrained(False, "x.pt", pairs)
+    agent.samg.update_vae(*pairs.sample(8))
+    with pytest.raises(samg.UserError, match="--samg_reference_size 100 or less"):
+        agent.samg.check_pretrained(False, "x.pt", pairs)
+    agent.samg.vae_held_out = 200
+    agent.samg.check_pretrained(False, "x.pt", pairs)
+    make_agent(samg, samg_mode="zero").samg.check_pretrained(False, "x.pt", pairs)  # no C-VAE needed
 
 
 def test_p_is_not_cached_for_noise_or_next_pairs(samg):
