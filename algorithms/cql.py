@@ -13,10 +13,12 @@ Run:
     python algorithms/cql.py --env o2o/hopper/random-v0
     python algorithms/cql.py --config_path configs/cql/hopper_famo2o_protocol.yaml
 
-Defaults are the official CQL+FamO2O locomotion settings (shared/specs/FAMO2O.md section 3: Q
-with LayerNorm, 2x256 networks, CQL weight 1.0, learning rates 3e-4, no state or reward
-normalisation), so that `cql.py` and `cql_famo2o.py` differ by FamO2O alone; CORL's AntMaze and
-Adroit settings are flags (`--q_n_hidden 5 --cql_lagrange true --reward_scale 10 ...`).
+Network and loss defaults are the official CQL+FamO2O locomotion settings (shared/specs/FAMO2O.md
+section 3: Q with LayerNorm, 2x256 networks, CQL weight 1.0, learning rates 3e-4, no state or
+reward normalisation), so that `cql.py` and `cql_famo2o.py` differ by FamO2O alone; the official
+step counts and evaluation schedule (2M offline updates, 5 episodes every 5k) are in
+configs/cql/*_famo2o_protocol.yaml. CORL's AntMaze and Adroit settings are flags (`--q_n_hidden 5
+--cql_lagrange true --reward_scale 10 --reward_bias -5 ...`).
 
 Deviations from CORL's finetune/cql.py, each with its reason:
 1. Data comes from Minari and environments from gymnasium (`-v5`); only `terminations` mask the
@@ -36,6 +38,14 @@ Deviations from CORL's finetune/cql.py, each with its reason:
    +-(1 - 1e-5)); the online buffer keeps all offline data and replaces online data first-in first-out
    (CORL's and the official FIFO overwrite offline data once full).
 6. The critic loss is the sum of the two critics' MSEs plus their penalties, as CORL.
+7. Initialisation: orthogonal (gain sqrt 2) hidden layers and a last layer with gain 1e-2, for
+   actor and critics alike (official FamO2O: flax's lecun-normal hidden layers and a 1e-2 variance-
+   scaling last layer; CORL: PyTorch defaults and xavier(1e-2) last layers).
+8. Online, one environment step then one update (UTD 1), as CORL; the official FamO2O code
+   collects 1000 steps and then takes 1000 updates, the same ratio in chunks (FAMO2O.md 3.4).
+9. `--normalize_reward` on AntMaze is r - 1 before `reward_scale` and `reward_bias` apply, so
+   CORL's AntMaze rewards (r * 10 - 5) are `--normalize_reward false --reward_scale 10
+   --reward_bias -5`.
 """
 import copy
 import json
@@ -93,9 +103,9 @@ class TrainConfig:
     normalize: bool = False
     # Rescale rewards by max_episode_steps / (max return - min return) of the dataset (AntMaze: r - 1)
     normalize_reward: bool = False
-    # Multiply rewards by this after normalisation (CORL AntMaze: 10)
+    # Multiply rewards by this after normalisation (CORL AntMaze: 10, with normalize_reward false)
     reward_scale: float = 1.0
-    # Add this to rewards after scaling (CORL AntMaze: -5)
+    # Add this to rewards after scaling (CORL AntMaze: -5, with normalize_reward false)
     reward_bias: float = 0.0
     # Actor (policy) learning rate
     actor_lr: float = 3e-4

@@ -25,18 +25,19 @@ sample while the TD target and the penalty's next-state actions use the balance 
 at s (not s'); the balance loss is -min Q of the current critics, with no entropy term.
 
 Deviations from the official code, each with its reason:
-1. The balance mapping is lo + (u + 1) / 2 * (hi - lo), inside [0.5, 1.5]. The official
+1. The balance mapping is lo + (u + 1) / 2 * (hi - lo), inside (0.5, 1.5). The official
    u * (hi - lo) + lo reaches (-0.5, 1.5), outside the range the family was trained on, and a
    negative beta makes the actor minimise Q (FAMO2O.md section 5, item 2);
-   `--famo2o_official_mapping true` reproduces it.
+   `--famo2o_official_mapping true` reproduces it (the beta histogram then spans (-0.5, 1.5)).
 2. `--famo2o_target_beta_at next` draws the target's beta at s' (the principled alternative to the
-   official beta at s), as an ablation.
+   official beta at s), as an ablation; it applies to `adaptive` mode (the other modes have no
+   balance model: their target beta is the fixed or uniform one).
 3. Offline 1M updates by default like cql.py, so the two files share their defaults; the official
    protocol (2M offline, CQL weight 1.0, LayerNorm critics) is in configs/*/*famo2o_protocol.yaml
    for both files (the official CQL baseline differed in three more ways: section 5, item 3).
 4. Everything CQL-specific follows algorithms/cql.py and its own list of deviations (Minari data,
    terminations-only masks, one backward pass, offline data kept in the buffer, evaluation in a
-   separate environment).
+   separate environment, initialisation, one update per environment step).
 """
 import copy
 import json
@@ -94,9 +95,9 @@ class TrainConfig:
     normalize: bool = False
     # Rescale rewards by max_episode_steps / (max return - min return) of the dataset (AntMaze: r - 1)
     normalize_reward: bool = False
-    # Multiply rewards by this after normalisation (CORL AntMaze: 10)
+    # Multiply rewards by this after normalisation (CORL AntMaze: 10, with normalize_reward false)
     reward_scale: float = 1.0
-    # Add this to rewards after scaling (CORL AntMaze: -5)
+    # Add this to rewards after scaling (CORL AntMaze: -5, with normalize_reward false)
     reward_bias: float = 0.0
     # Actor (policy) learning rate
     actor_lr: float = 3e-4
@@ -730,10 +731,12 @@ BETA_EMBEDDING_DIM = 6
 BETA_FREQUENCIES = [10000.0 ** (-2 * k / BETA_EMBEDDING_DIM) for k in range(BETA_EMBEDDING_DIM // 2)]
 
 
-def beta_embedding(betas: torch.Tensor) -> torch.Tensor:
+def beta_embedding(betas: torch.Tensor, frequencies: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinusoidal embedding of beta (official family_utils.py): for k = 0, 1, 2,
-    [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6)."""
-    angles = betas.unsqueeze(-1) * betas.new_tensor(BETA_FREQUENCIES)
+    [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6).
+    frequencies: BETA_FREQUENCIES already on the device (a list copied per call would sync on CUDA)."""
+    frequencies = betas.new_tensor(BETA_FREQUENCIES) if frequencies is None else frequencies
+    angles = betas.unsqueeze(-1) * frequencies
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
@@ -743,9 +746,10 @@ class UniversalPolicy(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int):
         super().__init__()
         self.policy = TanhGaussianPolicy(obs_dim + BETA_EMBEDDING_DIM, act_dim, hidden_dim, n_hidden)
+        self.register_buffer("frequencies", torch.tensor(BETA_FREQUENCIES), persistent=False)
 
     def forward(self, states: torch.Tensor, betas: torch.Tensor, detached: bool = False) -> torch.distributions.Normal:
-        return self.policy(torch.cat([states, beta_embedding(betas)], dim=-1), detached)
+        return self.policy(torch.cat([states, beta_embedding(betas, self.frequencies)], dim=-1), detached)
 
 
 def tanh_sample(dist: torch.distributions.Normal, shape: Tuple[int, ...] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -838,6 +842,11 @@ class FamO2OConservativeQLearning:
             raise UserError("--famo2o_beta_min must be smaller than --famo2o_beta_max.")
         self.balance_mode = config.famo2o_balance
         self.beta_min, self.beta_max = config.famo2o_beta_min, config.famo2o_beta_max
+        # Lowest beta the balance mapping reaches (the official mapping's goes below beta_min).
+        self.beta_low = 2 * self.beta_min - self.beta_max if config.famo2o_official_mapping else self.beta_min
+        if config.famo2o_balance == "fixed" and not self.beta_low <= config.famo2o_fixed_beta <= self.beta_max:
+            raise UserError(f"--famo2o_fixed_beta {config.famo2o_fixed_beta} is outside the beta range "
+                            f"[{self.beta_low}, {self.beta_max}].")
         # pi_b: the same tanh-Gaussian class on s, one output (official HierarchicalPolicy).
         self.balance_model = TanhGaussianPolicy(obs_dim, 1, config.hidden_dim, config.actor_n_hidden).to(device)
         self.balance_optimizer = torch.optim.Adam(
@@ -911,7 +920,7 @@ class FamO2OConservativeQLearning:
             "famo2o/balance_loss": loss.detach(),
             "famo2o/beta_mean": acting.mean(),
             "famo2o/beta_std": acting.std(),
-            "famo2o/beta_hist": torch.histc(acting, bins=10, min=self.beta_min, max=self.beta_max) / acting.shape[0],
+            "famo2o/beta_hist": torch.histc(acting, bins=10, min=self.beta_low, max=self.beta_max) / acting.shape[0],
         }
 
     def sample_penalty_actions(self, dist_s, dist_next) -> Dict[str, torch.Tensor]:

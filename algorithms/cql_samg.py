@@ -106,9 +106,9 @@ class TrainConfig:
     normalize: bool = False
     # Rescale rewards by max_episode_steps / (max return - min return) of the dataset (AntMaze: r - 1)
     normalize_reward: bool = False
-    # Multiply rewards by this after normalisation (CORL AntMaze: 10)
+    # Multiply rewards by this after normalisation (CORL AntMaze: 10, with normalize_reward false)
     reward_scale: float = 1.0
-    # Add this to rewards after scaling (CORL AntMaze: -5)
+    # Add this to rewards after scaling (CORL AntMaze: -5, with normalize_reward false)
     reward_bias: float = 0.0
     # Actor (policy) learning rate
     actor_lr: float = 3e-4

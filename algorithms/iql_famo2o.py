@@ -720,10 +720,12 @@ BETA_EMBEDDING_DIM = 6
 BETA_FREQUENCIES = [10000.0 ** (-2 * k / BETA_EMBEDDING_DIM) for k in range(BETA_EMBEDDING_DIM // 2)]
 
 
-def beta_embedding(betas: torch.Tensor) -> torch.Tensor:
+def beta_embedding(betas: torch.Tensor, frequencies: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sinusoidal embedding of beta (official family_utils.py): for k = 0, 1, 2,
-    [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6)."""
-    angles = betas.unsqueeze(-1) * betas.new_tensor(BETA_FREQUENCIES)
+    [sin(beta / n^(2k/d)), cos(beta / n^(2k/d))] with n = 10000, d = 6. Shape (B,) -> (B, 6).
+    frequencies: BETA_FREQUENCIES already on the device (a list copied per call would sync on CUDA)."""
+    frequencies = betas.new_tensor(BETA_FREQUENCIES) if frequencies is None else frequencies
+    angles = betas.unsqueeze(-1) * frequencies
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
@@ -735,11 +737,12 @@ class UniversalPolicy(nn.Module):
         super().__init__()
         self.net = mlp(obs_dim + BETA_EMBEDDING_DIM, act_dim, hidden_dim, n_hidden)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.register_buffer("frequencies", torch.tensor(BETA_FREQUENCIES), persistent=False)
 
     def forward(self, states: torch.Tensor, betas: torch.Tensor, detached: bool = False) -> torch.distributions.Normal:
         """detached: read the weights without letting gradients reach them (the balance model's loss
         differentiates through pi_u's input only)."""
-        x = torch.cat([states, beta_embedding(betas)], dim=-1)
+        x = torch.cat([states, beta_embedding(betas, self.frequencies)], dim=-1)
         for layer in self.net:
             if isinstance(layer, nn.Linear) and detached:
                 x = F.linear(x, layer.weight.detach(), layer.bias.detach())

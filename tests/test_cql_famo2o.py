@@ -160,3 +160,32 @@ def test_state_dict_round_trip(famo2o):
         model.update(random_batch(famo2o, 2))
     for a, b in zip(agent.balance_model.parameters(), restored.balance_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_beta_histogram_covers_the_official_mapping(famo2o):
+    """FAMO2O.md 5.2: with the official mapping betas below beta_min are what the histogram is for."""
+    agent = make_agent(famo2o, famo2o_official_mapping=True)
+    agent.online = True
+    batch = random_batch(famo2o)
+    betas = agent.update_betas(batch)
+    betas["acting"] = torch.tensor([-0.4, -0.1, 0.2, 0.7, 1.2])
+    _, metrics = agent.balance_loss(batch.states, betas)
+    histogram = metrics["famo2o/beta_hist"]
+    assert histogram.sum().item() == pytest.approx(1.0)
+    assert histogram[:5].sum().item() == pytest.approx(0.6)  # bins of (-0.5, 0.5): -0.4, -0.1, 0.2
+
+
+def test_fixed_beta_outside_the_range_is_refused(famo2o):
+    with pytest.raises(famo2o.UserError, match="outside the beta range"):
+        make_agent(famo2o, famo2o_balance="fixed", famo2o_fixed_beta=2.0)
+    make_agent(famo2o, famo2o_balance="fixed", famo2o_fixed_beta=0.0, famo2o_official_mapping=True)
+
+
+def test_embedding_frequencies_live_on_the_policy(famo2o):
+    """No per-call host-to-device copy: the frequencies are a (non-checkpointed) buffer of pi_u."""
+    agent = make_agent(famo2o)
+    assert torch.equal(agent.actor.frequencies, torch.tensor(famo2o.BETA_FREQUENCIES))
+    assert "frequencies" not in agent.actor.state_dict()
+    betas = torch.linspace(0.5, 1.5, 7)
+    torch.testing.assert_close(famo2o.beta_embedding(betas, agent.actor.frequencies), famo2o.beta_embedding(betas),
+                               rtol=0, atol=0)

@@ -229,3 +229,10 @@ def test_balance_step_precedes_the_actor_step(famo2o):
         optimizer.step = lambda *a, name=name, step=step, **k: order.append(name) or step(*a, **k)
     agent.update(random_batch(famo2o))
     assert order == ["vf_optimizer", "balance_optimizer", "actor_optimizer", "qf_optimizer"]
+
+
+def test_embedding_frequencies_live_on_the_policy(famo2o):
+    """No per-call host-to-device copy: the frequencies are a (non-checkpointed) buffer of pi_u."""
+    agent = make_agent(famo2o)
+    assert torch.equal(agent.actor.frequencies, torch.tensor(famo2o.BETA_FREQUENCIES))
+    assert "frequencies" not in agent.actor.state_dict()
