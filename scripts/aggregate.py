@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,7 +55,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from benchmark import BASES, UserError, evaluations, read_config, read_jsonl, score_of, total_iterations  # noqa: E402
+from benchmark import (BASES, REPO, UserError, evaluations, read_config, read_jsonl, score_of,  # noqa: E402
+                       total_iterations)
 
 # Row order of the tables: each base algorithm followed by its methods.
 ORDER = ["iql", "iql_famo2o", "cql", "cql_famo2o", "cql_samg", "awac", "awac_samg"]
@@ -176,12 +179,30 @@ def family_key(label: str, bases: Dict[str, Optional[str]]) -> tuple:
     return rank(root), root, label != root, rank(label), label
 
 
+def script_differs_from_commit(launch: Dict[str, Any], script: Optional[str]) -> bool:
+    """Whether the launched script was not the one in the launch's commit. A launch from a working
+    tree with uncommitted changes elsewhere ran the committed script if the script's recorded sha256
+    equals that of the file at the commit (checked with git; unknown counts as different)."""
+    if not launch.get("dirty"):
+        return False
+    if not (script and launch.get("commit") and launch.get("script_sha256")):
+        return True
+    try:
+        committed = subprocess.run(["git", "show", f"{launch['commit']}:{script}"], cwd=REPO, capture_output=True,
+                                   timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return committed.returncode != 0 or hashlib.sha256(committed.stdout).hexdigest() != launch["script_sha256"]
+
+
 def provenance_text(runs: Sequence[RunResult]) -> str:
-    launches = [launch for run in runs for launch in run.provenance.get("launches", [])]
+    launches = [(launch, run.provenance.get("script")) for run in runs for launch in run.provenance.get("launches", [])]
     if not launches:
         return "no provenance.json (not launched by scripts/benchmark.py); resolved configs in each run's config.yaml"
     commits = sorted({f"`{(launch.get('commit') or 'unknown')[:10]}`"
-                      + (" (uncommitted changes)" if launch.get("dirty") else "") for launch in launches})
+                      + (" (script with uncommitted changes)" if script_differs_from_commit(launch, script) else "")
+                      for launch, script in launches})
+    launches = [launch for launch, _ in launches]
     machines = sorted({f"{launch.get('gpu') or launch.get('cpu')} ({launch.get('cpu_count')} cores, device "
                        f"{launch.get('device')}, host {launch.get('host')})" for launch in launches})
     software = sorted({f"torch {launch.get('torch')}, mujoco {launch.get('mujoco')}, Python {launch.get('python')}"

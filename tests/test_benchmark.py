@@ -2,6 +2,7 @@
 Hopper dataset x 2 seeds, 2 workers): runs, skip and resume, provenance, command list, wandb sweep,
 then the numbers of the tables recomputed by hand from the metrics files, and the plots."""
 import csv
+import hashlib
 import json
 import os
 import re
@@ -312,3 +313,18 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
         p_mean = {r["iteration"]: float(r["mean"]) for r in csv.DictReader(f) if r["metric"] == "samg/p_mean"}
     assert p_mean == {"30": pytest.approx(0.6), "40": pytest.approx(0.25)}
     assert (out / f"samg_{env.replace('/', '-')}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_provenance_checks_the_script_against_its_commit():
+    """A launch from a dirty tree ran the committed script when the script's sha256 matches the file
+    at the commit: only then does the table drop the "uncommitted changes" mark."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    committed = subprocess.run(["git", "show", f"{commit}:algorithms/iql.py"], cwd=REPO, capture_output=True,
+                               check=True).stdout
+    launch = {"commit": commit, "dirty": True, "script_sha256": hashlib.sha256(committed).hexdigest()}
+    assert not aggregate.script_differs_from_commit(launch, "algorithms/iql.py")
+    assert aggregate.script_differs_from_commit({**launch, "script_sha256": "0" * 64}, "algorithms/iql.py")
+    assert aggregate.script_differs_from_commit(launch, "algorithms/no_such_file.py")
+    assert not aggregate.script_differs_from_commit({**launch, "dirty": False, "script_sha256": "0" * 64},
+                                                    "algorithms/iql.py")
