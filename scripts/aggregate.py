@@ -179,20 +179,35 @@ def family_key(label: str, bases: Dict[str, Optional[str]]) -> tuple:
     return rank(root), root, label != root, rank(label), label
 
 
-def script_differs_from_commit(launch: Dict[str, Any], script: Optional[str]) -> bool:
-    """Whether the launched script was not the one in the launch's commit. A launch from a working
-    tree with uncommitted changes elsewhere ran the committed script if the script's recorded sha256
-    equals that of the file at the commit (checked with git; unknown counts as different)."""
-    if not launch.get("dirty"):
-        return False
-    if not (script and launch.get("commit") and launch.get("script_sha256")):
-        return True
+def git_blob_sha256(commit: str, path: str) -> Optional[str]:
     try:
-        committed = subprocess.run(["git", "show", f"{launch['commit']}:{script}"], cwd=REPO, capture_output=True,
-                                   timeout=30)
+        blob = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return True
-    return committed.returncode != 0 or hashlib.sha256(committed.stdout).hexdigest() != launch["script_sha256"]
+        return None
+    return hashlib.sha256(blob.stdout).hexdigest() if blob.returncode == 0 else None
+
+
+def script_commit_note(launch: Dict[str, Any], script: Optional[str]) -> str:
+    """"" when the launched script is the file at the launch's commit; else where it is committed.
+
+    A launch from a tree with uncommitted changes ran the committed script when the script's
+    recorded sha256 equals that of the file at the commit; otherwise the commit that first holds a
+    file with that sha256 is named (checked with git), or the script is marked as uncommitted."""
+    if not launch.get("dirty"):
+        return ""
+    sha, commit = launch.get("script_sha256"), launch.get("commit")
+    if script and sha and commit:
+        if git_blob_sha256(commit, script) == sha:
+            return ""
+        try:
+            later = subprocess.run(["git", "rev-list", "--reverse", f"{commit}..HEAD", "--", script], cwd=REPO,
+                                   capture_output=True, text=True, timeout=30).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            later = []
+        for candidate in later:
+            if git_blob_sha256(candidate, script) == sha:
+                return f" (script as committed in `{candidate[:10]}`)"
+    return " (script with uncommitted changes)"
 
 
 def provenance_text(runs: Sequence[RunResult]) -> str:
@@ -200,7 +215,7 @@ def provenance_text(runs: Sequence[RunResult]) -> str:
     if not launches:
         return "no provenance.json (not launched by scripts/benchmark.py); resolved configs in each run's config.yaml"
     commits = sorted({f"`{(launch.get('commit') or 'unknown')[:10]}`"
-                      + (" (script with uncommitted changes)" if script_differs_from_commit(launch, script) else "")
+                      + script_commit_note(launch, script)
                       for launch, script in launches})
     launches = [launch for launch, _ in launches]
     machines = sorted({f"{launch.get('gpu') or launch.get('cpu')} ({launch.get('cpu_count')} cores, device "

@@ -444,12 +444,15 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
-def machine_info(device: str) -> dict:
-    """Once per runner invocation: what every launch records besides its own command."""
+def repository_state() -> dict:
+    """At each launch: the commit, and whether the tree had uncommitted changes."""
     status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def machine_info(device: str) -> dict:
+    """Once per runner invocation: what every launch records besides its own command and commit."""
     return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
@@ -476,7 +479,8 @@ def record_launch(run_dir: Path, cell: Cell, matrix: Matrix, machine: dict, comm
         provenance = {}
     provenance.update(run=cell.name, algorithm=cell.label, script=f"algorithms/{cell.script}.py",
                       dataset=cell.dataset, seed=cell.seed, base=cell.base, matrix=matrix.source)
-    launch = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **machine,
+    launch = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **repository_state(), **machine,
               "script_sha256": file_sha256(REPO / "algorithms" / f"{cell.script}.py"),
               "command": shlex.join(command), "cwd": os.getcwd(), "resumed_at_iteration": resumed_at}
     provenance["launches"] = [*provenance.get("launches", []), launch]

@@ -317,14 +317,20 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
 
 def test_provenance_checks_the_script_against_its_commit():
     """A launch from a dirty tree ran the committed script when the script's sha256 matches the file
-    at the commit: only then does the table drop the "uncommitted changes" mark."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    committed = subprocess.run(["git", "show", f"{commit}:algorithms/iql.py"], cwd=REPO, capture_output=True,
-                               check=True).stdout
-    launch = {"commit": commit, "dirty": True, "script_sha256": hashlib.sha256(committed).hexdigest()}
-    assert not aggregate.script_differs_from_commit(launch, "algorithms/iql.py")
-    assert aggregate.script_differs_from_commit({**launch, "script_sha256": "0" * 64}, "algorithms/iql.py")
-    assert aggregate.script_differs_from_commit(launch, "algorithms/no_such_file.py")
-    assert not aggregate.script_differs_from_commit({**launch, "dirty": False, "script_sha256": "0" * 64},
-                                                    "algorithms/iql.py")
+    at the launch's commit; a script committed later is named by that commit; anything else is
+    marked as uncommitted."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+    script = "algorithms/iql_famo2o.py"
+    changed = git("log", "-n", "1", "--format=%H", "--", script).decode().strip()  # last commit that changed it
+    parent = git("rev-parse", f"{changed}~1").decode().strip()
+    sha = {commit: hashlib.sha256(git("show", f"{commit}:{script}")).hexdigest() for commit in (changed, parent)}
+    assert sha[changed] != sha[parent]
+    launch = {"commit": parent, "dirty": True, "script_sha256": sha[parent]}
+    assert aggregate.script_commit_note(launch, script) == ""
+    assert aggregate.script_commit_note({**launch, "script_sha256": sha[changed]}, script) == \
+        f" (script as committed in `{changed[:10]}`)"
+    assert aggregate.script_commit_note({**launch, "script_sha256": "0" * 64}, script) == \
+        " (script with uncommitted changes)"
+    assert aggregate.script_commit_note({**launch, "dirty": False, "script_sha256": "0" * 64}, script) == ""
