@@ -45,9 +45,11 @@ with the spec's default, and each is a deviation risk):
    and the temperatures carry over at the switch; reward and state constants stay the offline ones.
 7. Defaults are cql.py's (the official CQL+FamO2O locomotion settings: Q and actor 2x256 with
    LayerNorm Q, learning rates 3e-4, CQL weight 1.0, no max-target backup), not SAMG.md section 3's
-   CQL settings (actor 256x3, Q 256x3, policy lr 1e-4, weight 10 offline, max-target backup), so
-   that the diff against cql.py shows SAMG only; those are `--actor_n_hidden 3 --q_n_hidden 3
-   --actor_lr 1e-4 --cql_alpha 10 --cql_max_target_backup true`.
+   CORL settings (actor 256x3, Q 256x3 without LayerNorm, policy lr 1e-4 when fine-tuning and 3e-5
+   offline on locomotion, weight 10 offline on locomotion, max-target backup), so that the diff
+   against cql.py shows SAMG only; those are `--actor_n_hidden 3 --q_n_hidden 3 --q_layer_norm
+   false --actor_lr 1e-4 --cql_alpha 10 --cql_max_target_backup true` (the 3e-5 offline policy lr
+   has no flag of its own: pretrain with `--actor_lr 3e-5`, fine-tune with `--actor_lr 1e-4`).
 Everything else is algorithms/cql.py, with its own list of deviations from CORL.
 """
 import copy

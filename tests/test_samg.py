@@ -240,6 +240,22 @@ def test_p_cached_by_buffer_row_equals_p_at_the_sampled_pairs(samg):
                                rtol=0, atol=0)
 
 
+def test_the_target_reads_p_from_the_row_cache(samg):
+    """Both files' TD targets take p by buffer row for a batch of the tracked buffer: with the
+    cached p set to 1 the bootstrap is Q_off's alone, and the C-VAE is not run."""
+    agent = go_online(make_agent(samg), samg, offline_q_shift=0.5)
+    buffer = samg.ReplayBuffer(OBS_DIM, ACT_DIM, 100, torch.device("cpu"), online_only=True)
+    agent.samg.track(buffer)
+    fill(buffer, 60)
+    batch = buffer.sample(BATCH)
+    agent.samg.score_new_rows()
+    agent.samg.row_p.fill_(1.0)
+    agent.samg.coefficient.vae = None  # any C-VAE pass would fail
+    targets, _ = targets_of(agent, batch)
+    _, q_offline = bootstrap_values(agent, batch)
+    torch.testing.assert_close(targets, batch.rewards + 0.99 * (1 - batch.dones) * q_offline, rtol=0, atol=1e-5)
+
+
 def test_adaptive_rounds_add_mastered_pairs_and_never_lower_p(samg):
     """SAMG.md 1.6 and 6.14: OOD pairs (p_raw < p_m) whose TD error is at most the quantile of the
     known pairs' join the mastered set; each round adds a frozen snapshot to p_raw's max, so p_raw
