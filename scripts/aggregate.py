@@ -17,7 +17,9 @@ config.yaml. Only finished runs (an evaluation at offline + online iterations) c
 `--include-unfinished`.
 
 Per run: the *offline score* is its last evaluation of the offline phase (phase 0), the *final
-score* the mean of its last N evaluations (`--last-n`, default 3). Scores are normalized scores
+score* the mean of its last N evaluations (`--last-n`, default 3), the *online average* the mean of
+all its evaluations of the online phase (phase 1: an area-under-the-curve view of fine-tuning, less
+sensitive than the final score to the noise of single evaluations). Scores are normalized scores
 (`eval/normalized_score`) when the dataset has reference scores, else mean returns. Per (dataset,
 algorithm): mean and sample standard deviation (ddof=1) over seeds; *delta vs base* = final mean
 minus the base algorithm's final mean on the same dataset (BASES in scripts/benchmark.py, or the
@@ -78,6 +80,7 @@ class RunResult:
     evals: List[Tuple[int, float, Optional[int]]]  # (iteration, score, phase)
     offline_score: Optional[float]
     final_score: Optional[float]
+    online_average: Optional[float]
     family: List[dict] = field(default_factory=list)
     samg: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
@@ -103,6 +106,7 @@ def load_run(run_dir: Path, last_n: int) -> Optional[RunResult]:
     label = provenance.get("algorithm") or (parts[0] if len(parts) == 3 else str(config.get("group", run_dir.name)))
     scores = [score_of(r) for r in evals]
     offline = [s for r, s in zip(evals, scores) if r.get("phase") == 0]
+    online = [s for r, s in zip(evals, scores) if r.get("phase") == 1]
     total = total_iterations(config)
     samg: Dict[str, Dict[int, float]] = defaultdict(dict)
     for record in records:
@@ -123,6 +127,7 @@ def load_run(run_dir: Path, last_n: int) -> Optional[RunResult]:
         evals=[(r["iteration"], s, r.get("phase")) for r, s in zip(evals, scores)],
         offline_score=offline[-1] if offline else None,
         final_score=statistics.fmean(scores[-last_n:]),
+        online_average=statistics.fmean(online) if online else None,
         family=[family[k] for k in sorted(family)],
         samg={key: sorted(values.items()) for key, values in samg.items()},
         provenance=provenance,
@@ -244,6 +249,8 @@ class Row:
     offline_std: Optional[float]
     final_mean: Optional[float]
     final_std: Optional[float]
+    online_average_mean: Optional[float]
+    online_average_std: Optional[float]
     delta_vs_base: Optional[float]
     budget: str
     offline_iterations: List[Optional[int]]
@@ -263,11 +270,12 @@ def summarise(runs: List[RunResult]) -> List[Row]:
         group.sort(key=lambda run: run.seed)
         offline_mean, offline_std = mean_std([run.offline_score for run in group])
         final_mean, final_std = mean_std([run.final_score for run in group])
+        online_mean, online_std = mean_std([run.online_average for run in group])
         rows[(dataset, label)] = Row(
             dataset=dataset, algorithm=label, base=group[0].base,
             metric=" / ".join(sorted({run.metric for run in group})), seeds=[run.seed for run in group],
             offline_mean=offline_mean, offline_std=offline_std, final_mean=final_mean, final_std=final_std,
-            delta_vs_base=None, budget=budget_text(group),
+            online_average_mean=online_mean, online_average_std=online_std, delta_vs_base=None, budget=budget_text(group),
             offline_iterations=sorted({run.budget[0] for run in group}, key=str),
             online_iterations=sorted({run.budget[1] for run in group}, key=str),
             finished_runs=sum(run.finished for run in group), provenance=provenance_text(group))
@@ -301,18 +309,21 @@ def delta_text(row: Row, rows_by_key: Dict[Tuple[str, str], Row]) -> str:
 
 def markdown_table(rows: List[Row], last_n: int) -> str:
     by_key = {(row.dataset, row.algorithm): row for row in rows}
-    lines = ["| dataset | algorithm | offline score | final score | delta vs base | seeds | budget | provenance |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| dataset | algorithm | offline score | final score | online average | delta vs base | seeds | budget "
+             "| provenance |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
         unit = "" if row.metric == "normalized score" else " (return)"
         lines.append(f"| {row.dataset} | {row.algorithm} | {fmt(row.offline_mean, row.offline_std)}{unit} | "
-                     f"{fmt(row.final_mean, row.final_std)}{unit} | {delta_text(row, by_key)} | {len(row.seeds)} | "
+                     f"{fmt(row.final_mean, row.final_std)}{unit} | "
+                     f"{fmt(row.online_average_mean, row.online_average_std)}{unit} | {delta_text(row, by_key)} | {len(row.seeds)} | "
                      f"{row.budget} | [{row.footnote}] |")
     lines += [
         "",
         f"Scores: normalized score (100 x (return - random) / (expert - random), reference scores of the dataset), "
         f"or mean return where marked; mean ± sample std (ddof=1) over seeds. Offline score: each run's last "
         f"evaluation of the offline phase. Final score: the mean of each run's last {last_n} evaluations. "
+        f"Online average: the mean of all of each run's evaluations during the online phase. "
         f"Delta vs base: final score minus the base algorithm's final score on the same dataset. Budget: offline "
         f"gradient updates + online environment steps (one update each).",
         "",
@@ -541,6 +552,7 @@ def aggregate(roots: Sequence[str], out: Path, last_n: int = 3, include_unfinish
         "definitions": {
             "offline_score": "last evaluation of the offline phase (phase 0) of each run",
             "final_score": f"mean of the last {last_n} evaluations of each run",
+            "online_average": "mean of all evaluations of the online phase (phase 1) of each run",
             "mean_std": "mean and sample standard deviation (ddof=1) over seeds; std null for one seed",
             "delta_vs_base": "final_mean minus the base algorithm's final_mean on the same dataset",
             "budget": "offline gradient updates + online environment steps",
@@ -549,7 +561,8 @@ def aggregate(roots: Sequence[str], out: Path, last_n: int = 3, include_unfinish
         "runs": [{"name": run.name, "algorithm": run.label, "base": run.base, "dataset": run.dataset, "seed": run.seed,
                   "finished": run.finished, "metric": run.metric, "offline_iterations": run.budget[0],
                   "online_iterations": run.budget[1], "offline_score": run.offline_score,
-                  "final_score": run.final_score, "last_evaluations": [s for _, s, _ in run.evals[-last_n:]],
+                  "final_score": run.final_score, "online_average": run.online_average,
+                  "last_evaluations": [s for _, s, _ in run.evals[-last_n:]],
                   "path": str(run.path), "provenance": run.provenance} for run in runs],
         "skipped": skipped,
         "files": sorted(str(p.name) for p in [*plots, out / "table.md", out / "summary.csv"]),

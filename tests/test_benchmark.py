@@ -88,13 +88,15 @@ def test_runner_runs_the_matrix_with_provenance_and_logs(bench):
 
 
 def hand_summary(root: Path, names: list, last_n: int) -> dict:
-    """(label) -> offline and final scores per seed, recomputed from metrics.jsonl."""
+    """(label) -> offline score, final score and online average per seed, recomputed from metrics.jsonl."""
     scores = {}
     for name in names:
         evals = eval_records(root / name)
         offline = [r["eval/normalized_score"] for r in evals if r["phase"] == 0][-1]
         final = statistics.fmean(r["eval/normalized_score"] for r in evals[-last_n:])
-        scores.setdefault(name.split("__")[0], []).append((offline, final))
+        online = [r["eval/normalized_score"] for r in evals if r["phase"] == 1]
+        assert len(online) >= 2
+        scores.setdefault(name.split("__")[0], []).append((offline, final, statistics.fmean(online)))
     return scores
 
 
@@ -103,7 +105,7 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
     result = run_script("scripts/aggregate.py", root, "--out", out, "--export-runs", out / "runs")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = hand_summary(root, bench["names"], last_n=3)
-    final_mean = {label: statistics.fmean(f for _, f in values) for label, values in scores.items()}
+    final_mean = {label: statistics.fmean(v[1] for v in values) for label, values in scores.items()}
 
     with open(out / "summary.csv") as f:
         rows = {row["algorithm"]: row for row in csv.DictReader(f)}
@@ -111,9 +113,10 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
     table = (out / "table.md").read_text()
     assert summary["last_n"] == 3 and "mean of each run's last 3 evaluations" in table
     for label in LABELS:
-        offline, final = [v[0] for v in scores[label]], [v[1] for v in scores[label]]
+        offline, final, online = ([v[i] for v in scores[label]] for i in range(3))
         expected = {"offline_mean": statistics.fmean(offline), "offline_std": statistics.stdev(offline),
-                    "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final)}
+                    "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final),
+                    "online_average_mean": statistics.fmean(online), "online_average_std": statistics.stdev(online)}
         row = rows[label]
         (json_row,) = [r for r in summary["rows"] if r["algorithm"] == label]
         for key, value in expected.items():
@@ -121,7 +124,8 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
             assert json_row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (label, key)
         assert row["dataset"] == bench["dataset"] and row["seeds"] == "0 1" and row["budget"] == "60 + 60"
         cells = (f"| {bench['dataset']} | {label} | {expected['offline_mean']:.1f} ± {expected['offline_std']:.1f} | "
-                 f"{expected['final_mean']:.1f} ± {expected['final_std']:.1f} |")
+                 f"{expected['final_mean']:.1f} ± {expected['final_std']:.1f} | "
+                 f"{expected['online_average_mean']:.1f} ± {expected['online_average_std']:.1f} |")
         assert cells in table, table
     delta = final_mean["iql_famo2o"] - final_mean["iql"]
     assert float(rows["iql_famo2o"]["delta_vs_base"]) == pytest.approx(delta, rel=1e-12, abs=1e-12)
@@ -288,7 +292,8 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "out"
     env = "o2o-test/swimmer/random-v0"
     for seed, shift in ((0, 0.0), (1, 2.0)):
-        evals = [(10, 0, 1.0 + shift), (20, 0, 2.0 + shift), (30, 1, 3.0 + shift), (40, 1, 5.0 + shift)]
+        evals = [(10, 0, 1.0 + shift), (20, 0, 2.0 + shift), (25, 1, 0.0 + shift), (30, 1, 3.0 + shift),
+                 (40, 1, 5.0 + shift)]
         write_fake_run(root, f"awac__{env.replace('/', '-')}__s{seed}", env, seed, evals)
         write_fake_run(root, f"awac_samg__{env.replace('/', '-')}__s{seed}", env, seed,
                        [(it, ph, r + 1.0) for it, ph, r in evals], samg=[(30, 0.5 + shift / 10), (40, 0.25)])
@@ -301,10 +306,12 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     assert awac["seeds"] == [0, 1] and awac["metric"] == "return"
     assert awac["offline_mean"] == 3.0 and awac["final_mean"] == 5.0  # (2, 4) and ((3+5)/2, (5+7)/2)
     assert awac["final_std"] == pytest.approx(statistics.stdev([4.0, 6.0]))
+    assert awac["online_average_mean"] == pytest.approx(11 / 3)  # (0+3+5)/3 and (2+5+7)/3
+    assert awac["online_average_std"] == pytest.approx(statistics.stdev([8 / 3, 14 / 3]))
     assert samg["delta_vs_base"] == pytest.approx(1.0)
     assert any("unfinished" in line for line in summary["skipped"])
     table = (out / "table.md").read_text()
-    assert "| awac_samg | 4.0 ± 1.4 (return) | 6.0 ± 1.4 (return) | +1.0 vs awac | 2 | 20 + 20 | [1] |" in table
+    assert "| awac_samg | 4.0 ± 1.4 (return) | 6.0 ± 1.4 (return) | 4.7 ± 1.4 (return) | +1.0 vs awac | 2 | 20 + 20 | [1] |" in table
     assert "no provenance.json" in table
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n<!-- benchmark-table:begin -->\n| dataset |") and "old" not in readme
