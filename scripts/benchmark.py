@@ -628,9 +628,18 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
     return 1 if "failed" in states else 0
 
 
+def ordered_cells(matrix: Matrix, order: str) -> List[Cell]:
+    """The matrix's cells, algorithm by algorithm (`algorithm`), or every seed-0 run first, then seed 1, ...
+    (`seed`: a benchmark stopped early then holds one seed of every (algorithm, dataset) before a second one)."""
+    cells = matrix.cells()
+    if order == "seed":
+        cells.sort(key=lambda cell: matrix.seeds.index(cell.seed))  # stable: the matrix's order within a seed
+    return cells
+
+
 def plan(matrix: Matrix, options: argparse.Namespace, extra: Sequence[str]) -> List[Run]:
     runs = []
-    for index, cell in enumerate(matrix.cells(), 1):
+    for index, cell in enumerate(ordered_cells(matrix, options.order), 1):
         run_dir = Path(matrix.root) / cell.name
         run = Run(index, cell, run_dir, algorithm_command(cell, matrix.root, options, extra))
         run.progress = read_progress(run_dir)
@@ -676,6 +685,9 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--seeds", "--seed", nargs="+", type=int, metavar="N", help="seeds (replace the matrix's)")
     parser.add_argument("--root", help="directory of the run directories (default: the matrix's root, "
                                        "runs/benchmark/<matrix file stem>, or runs/benchmark)")
+    parser.add_argument("--order", choices=["algorithm", "seed"], default="algorithm",
+                        help="launch order: algorithm by algorithm as the matrix lists them (default), or seed by "
+                             "seed (every algorithm and dataset at seed 0 first)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="runs at a time (default: the number of CPU cores)")
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch/OMP threads per run (default 1)")

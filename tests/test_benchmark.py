@@ -231,6 +231,17 @@ def test_dry_run_reports_states_and_config_conflicts(bench, run_script):
     assert not list(bench["root"].glob("*__s7"))  # a dry run launches nothing
 
 
+def test_seed_order_launches_every_algorithm_at_one_seed_before_the_next(bench, run_script):
+    names = {}
+    for order in ("algorithm", "seed"):
+        result = run_script("scripts/benchmark.py", "--matrix", bench["matrix"], "--dry-run", "--order", order)
+        names[order] = re.findall(r"^\[.*\] \w+ +(iql\S*__s\d) ", result.stdout, re.M)  # the state lines
+    by_label = [benchmark.run_name(label, bench["dataset"], seed) for label in LABELS for seed in SEEDS]
+    by_seed = [benchmark.run_name(label, bench["dataset"], seed) for seed in SEEDS for label in LABELS]
+    assert by_label != by_seed
+    assert names["algorithm"] == by_label and names["seed"] == by_seed
+
+
 def test_a_failing_run_is_reported_with_its_error(run_script, tmp_path):
     matrix = write_matrix(tmp_path / "matrix.yaml", "o2o-test/nothing/here-v0", tmp_path / "runs", seeds=[0],
                           algorithms={"iql": {}})
