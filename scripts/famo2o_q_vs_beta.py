@@ -14,25 +14,15 @@ whether the balance model had a signal to follow. Runs on the CPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from run_loading import load_run
+
 FAMO2O_SCRIPTS = ("iql_famo2o", "cql_famo2o")
-
-
-def load_algorithm(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"q_vs_beta_{name}", REPO / "algorithms" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def deterministic_q(module: Any, agent: Any, states: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
@@ -45,32 +35,19 @@ def deterministic_q(module: Any, agent: Any, states: torch.Tensor, betas: torch.
 
 def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optional[List[float]]) -> List[Dict[str, Any]]:
     torch.set_num_threads(1)
-    fields = yaml.safe_load((run_dir / "config.yaml").read_text())
-    first = torch.load(run_dir / checkpoints[0], map_location="cpu", weights_only=False)
-    name = first.get("algorithm")
-    if name not in FAMO2O_SCRIPTS:
-        raise SystemExit(f"{run_dir} is a {name} run; this diagnostic reads {' or '.join(FAMO2O_SCRIPTS)} runs.")
-    module = load_algorithm(name)
-    config = module.TrainConfig(**{k: v for k, v in fields.items() if k in module.TrainConfig.__dataclass_fields__})
-    config.device = "cpu"
-    dataset = module.load_minari_dataset(config.env, False)
-    data, episode_returns = module.flatten_episodes(dataset)
-    env, _ = module.make_environments(dataset, data)
-    states_all = torch.as_tensor(module.fit_transform(data, episode_returns, env, config).dataset(data)["states"])
+    run = load_run(run_dir, checkpoints[0])
+    if run.name not in FAMO2O_SCRIPTS:
+        raise SystemExit(f"{run_dir} is a {run.name} run; this diagnostic reads {' or '.join(FAMO2O_SCRIPTS)} runs.")
+    states_all = torch.as_tensor(run.transform.dataset(run.data)["states"])
     index = torch.randint(0, states_all.shape[0], (n_states,), generator=torch.Generator().manual_seed(0))
     states = states_all[index]
-    agent = None
     results = []
     for checkpoint_name in checkpoints:
-        checkpoint = torch.load(run_dir / checkpoint_name, map_location="cpu", weights_only=False)
-        if agent is None:
-            agent_class = next(getattr(module, k) for k in ("FamO2OImplicitQLearning", "FamO2OConservativeQLearning")
-                               if hasattr(module, k))
-            agent = agent_class(config, states.shape[1], data["actions"].shape[1], torch.device("cpu"))
-        agent.load_state_dict(checkpoint["agent"])
+        checkpoint = run.load_checkpoint(run_dir / checkpoint_name)
+        agent = run.agent
         grid = betas or torch.linspace(agent.beta_min, agent.beta_max, 5).tolist()
         with torch.no_grad():
-            q = {beta: deterministic_q(module, agent, states, torch.full((n_states,), beta)).mean().item()
+            q = {beta: deterministic_q(run.module, agent, states, torch.full((n_states,), beta)).mean().item()
                  for beta in grid}
             chosen = agent.acting_betas(states)
         results.append({"checkpoint": checkpoint_name, "iteration": checkpoint["iteration"], "q_by_beta": q,
