@@ -16,8 +16,9 @@ Levels (D4RL's recipe, Fu et al. 2020, arXiv 2004.07219):
 
 - `random`: uniform random actions from a seeded numpy Generator.
 - `medium`: `--size` transitions of a SAC policy (stochastic actions, as D4RL) taken at the first
-  evaluation (deterministic actions, `eval_episodes` episodes) whose mean return reaches
-  `--medium-fraction` (1/3) of the reference expert return.
+  evaluation (deterministic actions, `eval_episodes` episodes) that ends `--medium-consecutive` (2)
+  evaluations in a row whose mean return reaches `--medium-fraction` (1/3) of the reference expert
+  return (one lucky evaluation of a policy still learning does not make it the medium policy).
 - `medium-replay`: every transition that SAC run collected up to that evaluation, warm-up included.
 - `expert`: `--size` transitions of the same SAC run's policy after `--expert-steps` (1M) steps.
 - `medium-expert`: the medium episodes followed by the expert episodes (2 x `--size`, as D4RL).
@@ -101,7 +102,8 @@ D4RL_REF_SCORES = {
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6, 3879.7),
 }
-# --quick: tiny SAC (seconds on a CPU); "medium" is then the first evaluation unless --medium-return is given
+# --quick: tiny SAC (seconds on a CPU); "medium" is then the first evaluation unless --medium-return (and
+# --medium-consecutive) are given
 QUICK_SAC = SACConfig(hidden_dim=64, batch_size=64, warmup_steps=500, eval_every=500, eval_episodes=2)
 QUICK_EXPERT_STEPS = 3_000
 QUICK_CHECKPOINT_EVERY = 1_000
@@ -245,6 +247,7 @@ class BuildOptions:
     reference_episodes: int = 100  # [--reference-episodes]
     medium_fraction: float = 1 / 3  # [--medium-fraction] of the reference expert return
     medium_return: Optional[float] = None  # [--medium-return] absolute threshold, overrides the fraction
+    medium_consecutive: int = 2  # [--medium-consecutive] evaluations in a row at or above the threshold
     expert_steps: int = DEFAULT_EXPERT_STEPS  # [--expert-steps] SAC budget (also the most medium may take)
     sac: SACConfig = field(default_factory=SACConfig)
     checkpoint_every: int = 50_000  # [--checkpoint-every] environment steps between SAC checkpoints
@@ -520,7 +523,8 @@ class EnvBuild:
 
     def train(self, stop_return: Optional[float] = None) -> None:
         budget = self.options.expert_steps
-        self.run.train(budget, stop_return=stop_return, snapshot_at=(budget,))
+        self.run.train(budget, stop_return=stop_return, snapshot_at=(budget,),
+                       stop_consecutive=self.options.medium_consecutive)
 
     # -- reference scores -------------------------------------------------------------------------
 
@@ -583,15 +587,18 @@ class EnvBuild:
             if which == "medium":
                 threshold = self.medium_threshold()
                 self.train(stop_return=threshold)
-                point = run.first_eval_reaching(threshold)
+                consecutive = self.options.medium_consecutive
+                point = run.first_eval_reaching(threshold, consecutive)
                 if point is None:
                     best = run.best_eval()
                     raise UserError(
-                        f"SAC on {self.spec.id} did not reach the medium return {threshold:.1f} within {run.step} "
-                        f"steps (best evaluation {best['return_mean']:.1f} at step {best['step']}). Raise "
-                        "--expert-steps, or lower the threshold with --medium-fraction / --medium-return."
+                        f"SAC on {self.spec.id} did not reach the medium return {threshold:.1f} in {consecutive} "
+                        f"evaluation(s) in a row within {run.step} steps (best evaluation {best['return_mean']:.1f} "
+                        f"at step {best['step']}). Raise --expert-steps, lower the threshold with --medium-fraction / "
+                        "--medium-return, or ask for fewer evaluations in a row with --medium-consecutive."
                     )
                 step, info = point["step"], {"medium_threshold": finite_or_none(threshold),
+                                             "medium_consecutive": consecutive,
                                              "eval_return_mean": point["return_mean"],
                                              "eval_return_std": point["return_std"]}
             else:
@@ -601,6 +608,10 @@ class EnvBuild:
                                     f"--expert-steps {budget}; use the --expert-steps it was trained with or "
                                     "another --work-dir.")
                 step, info = budget, {"eval_return_mean": run.snapshot(budget)["eval_return_mean"]}
+            if step not in run.snapshots:
+                raise UserError(f"The SAC run in {run.run_dir} has no actor snapshot at step {step}, its {which} "
+                                "point (it was trained by a builder that kept snapshots only at new best "
+                                "evaluations): delete that run directory to train it again.")
             actor = run.new_actor()
             actor.load_state_dict(run.snapshot(step)["actor"])
             path = run.run_dir / "policies" / f"{which}.pt"
@@ -760,9 +771,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="episodes per measured reference return (default: %(default)s)")
     sac = parser.add_argument_group("SAC behaviour policies")
     sac.add_argument("--medium-fraction", type=float, default=1 / 3,
-                     help="medium = first evaluation reaching this fraction of the reference expert return "
-                     "(default: 1/3)")
+                     help="medium threshold as a fraction of the reference expert return (default: 1/3)")
     sac.add_argument("--medium-return", type=float, help="an absolute medium threshold instead of the fraction")
+    sac.add_argument("--medium-consecutive", type=int,
+                     help="medium = the evaluation that ends this many evaluations in a row at or above the "
+                     "threshold (default: 2; 1 with --quick)")
     sac.add_argument("--expert-steps", type=int, default=DEFAULT_EXPERT_STEPS,
                      help="SAC training budget in environment steps: the expert policy is the one at this step, and "
                      "medium must be reached before it (default: %(default)s)")
@@ -801,6 +814,7 @@ def options_from_args(args: argparse.Namespace, argv: Optional[list[str]]) -> tu
         reference_episodes=default(args.reference_episodes, 100, QUICK_REFERENCE_EPISODES),
         medium_fraction=args.medium_fraction,
         medium_return=-math.inf if args.quick and args.medium_return is None else args.medium_return,
+        medium_consecutive=(1 if args.quick else 2) if args.medium_consecutive is None else args.medium_consecutive,
         expert_steps=default(args.expert_steps, DEFAULT_EXPERT_STEPS, QUICK_EXPERT_STEPS),
         sac=sac, checkpoint_every=default(args.checkpoint_every, 50_000, QUICK_CHECKPOINT_EVERY),
         work_dir=args.work_dir, stop_after_checkpoints=args.stop_after_checkpoints, command=command,
@@ -809,7 +823,7 @@ def options_from_args(args: argparse.Namespace, argv: Optional[list[str]]) -> tu
     for name, value in (("--size", size), ("--expert-steps", options.expert_steps),
                         ("--reference-episodes", options.reference_episodes), ("--threads", args.threads),
                         ("--checkpoint-every", options.checkpoint_every), ("--eval-every", sac.eval_every),
-                        ("--eval-episodes", sac.eval_episodes)):
+                        ("--eval-episodes", sac.eval_episodes), ("--medium-consecutive", options.medium_consecutive)):
         if value < 1:
             raise UserError(f"{name} must be positive, got {value}.")
     return size, options

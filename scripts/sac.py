@@ -16,7 +16,7 @@ Made for CPU speed (the update is the cost):
   (no `.item()`, no numpy): the caller converts them only when it logs;
 - fused Adam (one kernel per optimizer) and `torch._foreach_lerp_` for the target networks.
 
-`SACRun` is one seeded training run with checkpoints: `run.train(until_step, stop_return)` trains
+`SACRun` is one seeded training run with checkpoints: `run.train(until_step, stop_return, ...)` trains
 (resuming from `<run_dir>/checkpoint.pt` if there is one) and keeps everything the dataset builder
 needs: every environment transition in exact float64 (`run.transitions.slice(0, end)`, the
 medium-replay data), the evaluation history, and actor snapshots at each new best evaluation and at
@@ -25,7 +25,7 @@ requested steps (`run.snapshot(step)`, the medium and expert policies). Run dire
     run.json                          env, seed, hyperparameters (the run's identity), versions
     checkpoint.pt                     networks, optimizers, temperature, RNG, counters, evaluations
     transitions/<from>-<to>.npz       the environment transitions of steps [from, to)
-    snapshots/step-<step>.pt          actor weights at an evaluation that set a new best, or on request
+    snapshots/step-<step>.pt          actor weights at every evaluation (about 0.3 MB each), or on request
     metrics.jsonl                     one JSON line per evaluation and per logged update window
 
 Checkpoints are written only between episodes (each episode starts from `env.reset(seed=...)`, so
@@ -449,23 +449,34 @@ class SACRun:
         """The stored snapshot at `step`: {"actor": state_dict, "step", "eval_return_mean"}."""
         return torch.load(self.run_dir / "snapshots" / f"step-{step:09d}.pt", map_location="cpu", weights_only=True)
 
-    def first_eval_reaching(self, threshold: float) -> Optional[dict]:
-        """The first evaluation whose mean return is >= threshold (it always has a snapshot)."""
-        return next((e for e in self.evals if e["return_mean"] >= threshold), None)
+    def first_eval_reaching(self, threshold: float, consecutive: int = 1) -> Optional[dict]:
+        """The first evaluation that ends `consecutive` evaluations in a row whose mean return is >=
+        threshold."""
+        streak = 0
+        for record in self.evals:
+            streak = streak + 1 if record["return_mean"] >= threshold else 0
+            if streak >= consecutive:
+                return record
+        return None
 
     def best_eval(self) -> Optional[dict]:
         return max(self.evals, key=lambda e: e["return_mean"], default=None)
 
     # -- training ---------------------------------------------------------------------------------
 
-    def train(self, until_step: int, stop_return: Optional[float] = None, snapshot_at: tuple[int, ...] = ()) -> None:
-        """Train until `until_step` environment steps, or until an evaluation reaches `stop_return`.
+    def train(self, until_step: int, stop_return: Optional[float] = None, snapshot_at: tuple[int, ...] = (),
+              stop_consecutive: int = 1) -> None:
+        """Train until `until_step` environment steps, or until `stop_consecutive` evaluations in a row
+        reach `stop_return`.
 
         Already done work is not repeated. The current episode is always finished (and trained on)
         before the checkpoint that ends the call, so the run can be continued later exactly. Actor
-        snapshots are stored at every evaluation with a new best mean return and at `snapshot_at`.
+        snapshots are stored at every evaluation and at `snapshot_at`.
         """
-        if self.step >= until_step or (stop_return is not None and self.first_eval_reaching(stop_return)):
+        def reached() -> bool:
+            return stop_return is not None and self.first_eval_reaching(stop_return, stop_consecutive) is not None
+
+        if self.step >= until_step or reached():
             return
         config, agent, env = self.config, self.agent, self.env
         if self.step > 0 and self.progress:
@@ -517,11 +528,9 @@ class SACRun:
                     self._log({"step": self.step, "eval/return_mean": record["return_mean"],
                                "eval/return_std": record["return_std"]})
                     last_eval = record["return_mean"]
-                    if last_eval > best_return:
-                        best_return = last_eval
-                        self._save_snapshot(self.step, last_eval)
-                    if stop_return is not None and last_eval >= stop_return:
-                        stop = True
+                    best_return = max(best_return, last_eval)
+                    self._save_snapshot(self.step, last_eval)
+                    stop = stop or reached()
                 if self.step in snapshot_at:
                     self._save_snapshot(self.step, last_eval if evaluated else None)
                 if self.step >= until_step:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
 
 import gymnasium as gym
 import minari
@@ -230,9 +231,11 @@ def test_empty_dataset_loads_with_no_episodes(empty_dataset):
 # --- SAC levels: medium, medium-replay, expert, medium-expert -----------------------------------
 # One quick build on InvertedPendulum-v5 (4-dim observations, actions in [-3, 3], terminates when
 # the pole falls), whose reference scores are measured (the default outside the D4RL four). Medium
-# is the first evaluation reaching the return 20 (a lowered threshold; --quick trains 3000 steps).
+# is the evaluation that ends the first two evaluations in a row reaching the return 20 (a lowered
+# threshold; --quick trains 3000 steps, and the expert is trained first to measure the references).
 
-QUICK_SAC_ARGS = ("--env", "InvertedPendulum-v5", "--quick", "--medium-return", "20", "--size", "1000")
+QUICK_SAC_ARGS = ("--env", "InvertedPendulum-v5", "--quick", "--medium-return", "20", "--medium-consecutive", "2",
+                  "--size", "1000")
 SAC_LEVELS = ("medium", "medium-replay", "expert", "medium-expert")
 
 
@@ -308,12 +311,31 @@ def test_sac_levels_load_back_with_their_manifest(sac_build, minari_store):
         assert_replays(f"o2o-test-sac/invertedpendulum/{level}-v0")
 
 
-def test_medium_is_the_first_evaluation_reaching_the_threshold(sac_build, minari_store):
+def test_first_eval_reaching_counts_evaluations_in_a_row():
+    returns = [5.0, 25.0, 10.0, 22.0, 30.0, 19.0, 40.0]
+    run = types.SimpleNamespace(evals=[{"step": 1000 * (i + 1), "return_mean": r} for i, r in enumerate(returns)])
+    steps = [sac.SACRun.first_eval_reaching(run, 20.0, k) for k in (1, 2, 3)]
+    assert [s and s["step"] for s in steps] == [2000, 5000, None]
+    assert sac.SACRun.first_eval_reaching(run, 20.0)["step"] == 2000  # one evaluation by default
+
+
+def test_medium_ends_the_first_evaluations_in_a_row_reaching_the_threshold(sac_build, minari_store):
     checkpoint = sac_checkpoint(minari_store, "o2o-test-sac")
-    first = next(e for e in checkpoint["evals"] if e["return_mean"] >= 20)
+    evals = checkpoint["evals"]
+    first = next(i for i in range(1, len(evals)) if min(evals[i - 1]["return_mean"], evals[i]["return_mean"]) >= 20)
+    first = evals[first]
+    first_reaching = next(e for e in evals if e["return_mean"] >= 20)
     medium = sac_build["o2o-test-sac/invertedpendulum/medium-v0"]["behaviour_policy"]["medium"]
-    assert medium["sac_step"] == first["step"] and medium["medium_threshold"] == 20
+    assert medium["sac_step"] == first["step"] > first_reaching["step"]
+    assert medium["medium_threshold"] == 20 and medium["medium_consecutive"] == 2
     assert medium["eval_return_mean"] == first["return_mean"]
+    # its actor is the snapshot of that evaluation (every evaluation keeps one)
+    (run_dir,) = builder_dir(minari_store, "o2o-test-sac").glob("invertedpendulum/sac-seed0-*")
+    policy = torch.load(run_dir / "policies" / "medium.pt", weights_only=False)
+    snapshot = torch.load(run_dir / "snapshots" / f"step-{first['step']:09d}.pt", weights_only=True)
+    assert all(torch.equal(policy["actor"][k], snapshot["actor"][k]) for k in snapshot["actor"])
+    assert sorted(int(p.stem.split("-")[1]) for p in (run_dir / "snapshots").glob("step-*.pt")) == \
+        [e["step"] for e in evals]
     # medium-replay: every transition of the run before that evaluation, warm-up included
     replay = load_episodes("o2o-test-sac/invertedpendulum/medium-replay-v0")
     assert sum(len(episode) for episode in replay) == first["step"]
