@@ -228,7 +228,11 @@ def provenance_text(runs: Sequence[RunResult]) -> str:
     software = sorted({f"torch {launch.get('torch')}, mujoco {launch.get('mujoco')}, Python {launch.get('python')}"
                        for launch in launches})
     matrices = sorted({str(run.provenance.get("matrix")) for run in runs if run.provenance.get("matrix")})
+    datasets = sorted({f"`{launch['dataset_sha256'][:10]}`" if launch.get("dataset_sha256") else "not recorded"
+                       for launch in launches})
     parts = [f"commit {', '.join(commits)}"]
+    parts.append(f"dataset sha256 {', '.join(datasets)}" + (" (runs trained on different data)" if len(datasets) > 1
+                                                             else ""))
     parts.append(f"matrix {', '.join(f'`{m}`' for m in matrices)}" if matrices else "matrix from command-line flags")
     parts.append("resolved config: each run's config.yaml")
     parts.append(f"machine {'; '.join(machines)}")

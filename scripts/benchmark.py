@@ -467,7 +467,44 @@ def machine_info(device: str) -> dict:
 
 
 def file_sha256(path: Path) -> Optional[str]:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_file(dataset: str) -> Path:
+    """The data file of a dataset in the local Minari store (where the algorithm scripts read it)."""
+    store = os.environ.get("MINARI_DATASETS_PATH") or str(Path("~/.minari/datasets").expanduser())
+    return Path(store) / dataset / "data" / "main_data.hdf5"
+
+
+_dataset_hashes: Dict[Tuple[str, int, int], Optional[str]] = {}
+
+
+def dataset_sha256(dataset: str) -> Optional[str]:
+    """sha256 of the dataset's data file (None if it is not in the store): a dataset id names data
+    that another machine may build differently (docs/datasets.md), the hash names the bytes."""
+    path = dataset_file(dataset)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _dataset_hashes:
+        _dataset_hashes[key] = file_sha256(path)
+    return _dataset_hashes[key]
+
+
+def recorded_dataset_sha256(run_dir: Path) -> Optional[str]:
+    """The dataset hash of the run's last launch that recorded one."""
+    try:
+        launches = json.loads((run_dir / "provenance.json").read_text()).get("launches", [])
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((launch["dataset_sha256"] for launch in reversed(launches) if launch.get("dataset_sha256")), None)
 
 
 def record_launch(run_dir: Path, cell: Cell, matrix: Matrix, machine: dict, command: List[str],
@@ -482,6 +519,7 @@ def record_launch(run_dir: Path, cell: Cell, matrix: Matrix, machine: dict, comm
     launch = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **repository_state(), **machine,
               "script_sha256": file_sha256(REPO / "algorithms" / f"{cell.script}.py"),
+              "dataset_sha256": dataset_sha256(cell.dataset),
               "command": shlex.join(command), "cwd": os.getcwd(), "resumed_at_iteration": resumed_at}
     provenance["launches"] = [*provenance.get("launches", []), launch]
     tmp = path.with_name(path.name + ".tmp")
@@ -644,7 +682,13 @@ def plan(matrix: Matrix, options: argparse.Namespace, extra: Sequence[str]) -> L
         run = Run(index, cell, run_dir, algorithm_command(cell, matrix.root, options, extra))
         run.progress = read_progress(run_dir)
         conflicts = config_conflicts(run_dir, run.command)
-        if conflicts:
+        trained_on, now = recorded_dataset_sha256(run_dir), dataset_sha256(cell.dataset)
+        if not run.progress.finished and trained_on and now and trained_on != now:
+            run.state = "failed"
+            run.note = (f"{cell.dataset} is not the data this run started on (sha256 {trained_on[:10]}, now "
+                        f"{now[:10]}; rebuilt, or built on another machine?): delete the run directory to start it "
+                        "again on the new data, or restore the old dataset to resume")
+        elif conflicts:
             run.state = "failed"
             run.note = (f"{run_dir}/config.yaml disagrees with the planned flags ({'; '.join(conflicts)}): "
                         "use another --root, or delete the run directory to start it again")

@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,12 @@ def read_jsonl(path: Path) -> list:
 
 def eval_records(run_dir: Path) -> list:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/normalized_score" in r]
+
+
+def dataset_sha256(dataset: str) -> str:
+    """sha256 of the data file of a dataset in the test session's Minari store."""
+    path = Path(os.environ["MINARI_DATASETS_PATH"]) / dataset / "data" / "main_data.hdf5"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def git_head():
@@ -80,6 +87,7 @@ def test_runner_runs_the_matrix_with_provenance_and_logs(bench):
         head = git_head()  # None outside a git checkout (e.g. a Docker image built without .git)
         assert (launch["commit"] is None) if head is None else re.fullmatch("[0-9a-f]{40}", launch["commit"])
         assert launch["cpu_count"] and launch["torch"] and launch["dirty"] in (True, False, None)
+        assert launch["dataset_sha256"] == dataset_sha256(bench["dataset"])
         command = shlex.split(launch["command"])
         assert command[1].endswith(f"algorithms/{label}.py")
         assert command[command.index("--cpu_threads") + 1] == "1" and command[command.index("--resume") + 1] == "true"
@@ -132,7 +140,7 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
     assert rows["iql"]["delta_vs_base"] == ""
     assert f"| {delta:+.1f} vs iql | 2 | 60 + 60 | [1] |" in table
     commit = json.loads((root / bench["names"][0] / "provenance.json").read_text())["launches"][0]["commit"]
-    assert f"[1] commit `{(commit or 'unknown')[:10]}`" in table
+    assert f"[1] commit `{(commit or 'unknown')[:10]}`; dataset sha256 `{dataset_sha256(bench['dataset'])[:10]}`;" in table
     assert f"({os.cpu_count()} cores, device cpu, host " in table and "torch 2." in table
 
     # learning curves: mean over seeds at every evaluation iteration
@@ -186,6 +194,25 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(bench, run_script, t
     for name, text in untouched.items():
         assert (root / name / "metrics.jsonl").read_text() == text
         assert len(json.loads((root / name / "provenance.json").read_text())["launches"]) == 1
+
+
+def test_a_run_is_not_resumed_on_other_data(bench, run_script, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(bench["root"], root)
+    stopped, finished = root / bench["names"][1], root / bench["names"][2]
+    records = read_jsonl(stopped / "metrics.jsonl")  # as if stopped at the switch
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["iteration"] <= 60))
+    for run_dir in (stopped, finished):  # as if the dataset was rebuilt since they started
+        provenance = json.loads((run_dir / "provenance.json").read_text())
+        provenance["launches"][-1]["dataset_sha256"] = "0" * 64
+        (run_dir / "provenance.json").write_text(json.dumps(provenance))
+    result = run_script("scripts/benchmark.py", "--matrix", bench["matrix"], "--root", root, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    now = dataset_sha256(bench["dataset"])[:10]
+    assert f"failed  {stopped.name}" in result.stdout
+    assert f"is not the data this run started on (sha256 0000000000, now {now}" in result.stdout
+    assert f"done    {finished.name}" in result.stdout  # a finished run stays finished; the table names its data
+    assert result.stdout.count("failed") == 1
 
 
 def test_command_list_and_wandb_sweep_cover_the_matrix(bench, run_script, tmp_path):
@@ -352,3 +379,14 @@ def test_provenance_checks_the_script_against_its_commit():
     assert aggregate.script_commit_note({**launch, "script_sha256": "0" * 64}, script) == \
         " (script with uncommitted changes)"
     assert aggregate.script_commit_note({**launch, "dirty": False, "script_sha256": "0" * 64}, script) == ""
+
+
+def test_provenance_names_the_data_of_every_launch():
+    def run(*hashes):
+        launches = [{"commit": "c" * 40, "dirty": False, "cpu": "cpu", "dataset_sha256": h} for h in hashes]
+        return types.SimpleNamespace(provenance={"launches": launches, "matrix": "m.yaml"})
+
+    assert "; dataset sha256 `aaaaaaaaaa`; matrix" in aggregate.provenance_text([run("a" * 64), run("a" * 64)])
+    mixed = aggregate.provenance_text([run("a" * 64), run("a" * 64, "b" * 64)])
+    assert "dataset sha256 `aaaaaaaaaa`, `bbbbbbbbbb` (runs trained on different data)" in mixed
+    assert "dataset sha256 `aaaaaaaaaa`, not recorded (runs" in aggregate.provenance_text([run("a" * 64), run(None)])
