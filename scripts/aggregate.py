@@ -19,7 +19,10 @@ config.yaml. Only finished runs (an evaluation at offline + online iterations) c
 Per run: the *offline score* is its last evaluation of the offline phase (phase 0), the *final
 score* the mean of its last N evaluations (`--last-n`, default 3), the *online average* the mean of
 all its evaluations of the online phase (phase 1: an area-under-the-curve view of fine-tuning, less
-sensitive than the final score to the noise of single evaluations). Scores are normalized scores
+sensitive than the final score to the noise of single evaluations), and *training episodes* the
+mean score of the online episodes it collected in the stretch its last N evaluations span (actions
+sampled from the policy: what exploration scored, next to the deterministic evaluations). Scores are
+normalized scores
 (`eval/normalized_score`) when the dataset has reference scores, else mean returns. Per (dataset,
 algorithm): mean and sample standard deviation (ddof=1) over seeds; *delta vs base* = final mean
 minus the base algorithm's final mean on the same dataset (BASES in scripts/benchmark.py, or the
@@ -81,6 +84,7 @@ class RunResult:
     offline_score: Optional[float]
     final_score: Optional[float]
     online_average: Optional[float]
+    training_episodes: Optional[float]
     family: List[dict] = field(default_factory=list)
     samg: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
@@ -108,6 +112,11 @@ def load_run(run_dir: Path, last_n: int) -> Optional[RunResult]:
     offline = [s for r, s in zip(evals, scores) if r.get("phase") == 0]
     online = [s for r, s in zip(evals, scores) if r.get("phase") == 1]
     total = total_iterations(config)
+    metric = "normalized score" if all("eval/normalized_score" in r for r in evals) else "return"
+    # training episodes that ended in the stretch of training the final score's evaluations span
+    window_start = evals[-last_n - 1]["iteration"] if len(evals) > last_n else -1
+    train_key = "train/normalized_return" if metric == "normalized score" else "train/episode_return"
+    training = [r[train_key] for r in records if train_key in r and r["iteration"] > window_start]
     samg: Dict[str, Dict[int, float]] = defaultdict(dict)
     for record in records:
         for key, value in record.items():
@@ -123,11 +132,12 @@ def load_run(run_dir: Path, last_n: int) -> Optional[RunResult]:
         seed=int(provenance.get("seed", config.get("seed", 0))),
         config=config,
         finished=total is not None and any(r["iteration"] == total for r in evals),
-        metric="normalized score" if all("eval/normalized_score" in r for r in evals) else "return",
+        metric=metric,
         evals=[(r["iteration"], s, r.get("phase")) for r, s in zip(evals, scores)],
         offline_score=offline[-1] if offline else None,
         final_score=statistics.fmean(scores[-last_n:]),
         online_average=statistics.fmean(online) if online else None,
+        training_episodes=statistics.fmean(training) if training else None,
         family=[family[k] for k in sorted(family)],
         samg={key: sorted(values.items()) for key, values in samg.items()},
         provenance=provenance,
@@ -255,6 +265,8 @@ class Row:
     final_std: Optional[float]
     online_average_mean: Optional[float]
     online_average_std: Optional[float]
+    training_episodes_mean: Optional[float]
+    training_episodes_std: Optional[float]
     delta_vs_base: Optional[float]
     budget: str
     offline_iterations: List[Optional[int]]
@@ -275,11 +287,13 @@ def summarise(runs: List[RunResult]) -> List[Row]:
         offline_mean, offline_std = mean_std([run.offline_score for run in group])
         final_mean, final_std = mean_std([run.final_score for run in group])
         online_mean, online_std = mean_std([run.online_average for run in group])
+        training_mean, training_std = mean_std([run.training_episodes for run in group])
         rows[(dataset, label)] = Row(
             dataset=dataset, algorithm=label, base=group[0].base,
             metric=" / ".join(sorted({run.metric for run in group})), seeds=[run.seed for run in group],
             offline_mean=offline_mean, offline_std=offline_std, final_mean=final_mean, final_std=final_std,
-            online_average_mean=online_mean, online_average_std=online_std, delta_vs_base=None, budget=budget_text(group),
+            online_average_mean=online_mean, online_average_std=online_std, training_episodes_mean=training_mean,
+            training_episodes_std=training_std, delta_vs_base=None, budget=budget_text(group),
             offline_iterations=sorted({run.budget[0] for run in group}, key=str),
             online_iterations=sorted({run.budget[1] for run in group}, key=str),
             finished_runs=sum(run.finished for run in group), provenance=provenance_text(group))
@@ -313,21 +327,25 @@ def delta_text(row: Row, rows_by_key: Dict[Tuple[str, str], Row]) -> str:
 
 def markdown_table(rows: List[Row], last_n: int) -> str:
     by_key = {(row.dataset, row.algorithm): row for row in rows}
-    lines = ["| dataset | algorithm | offline score | final score | online average | delta vs base | seeds | budget "
-             "| provenance |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| dataset | algorithm | offline score | final score | online average | training episodes | delta vs base "
+             "| seeds | budget | provenance |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
         unit = "" if row.metric == "normalized score" else " (return)"
-        lines.append(f"| {row.dataset} | {row.algorithm} | {fmt(row.offline_mean, row.offline_std)}{unit} | "
-                     f"{fmt(row.final_mean, row.final_std)}{unit} | "
-                     f"{fmt(row.online_average_mean, row.online_average_std)}{unit} | {delta_text(row, by_key)} | {len(row.seeds)} | "
-                     f"{row.budget} | [{row.footnote}] |")
+        scores = [(row.offline_mean, row.offline_std), (row.final_mean, row.final_std),
+                  (row.online_average_mean, row.online_average_std),
+                  (row.training_episodes_mean, row.training_episodes_std)]
+        cells = [fmt(mean, std) + (unit if mean is not None else "") for mean, std in scores]
+        lines.append(f"| {row.dataset} | {row.algorithm} | {' | '.join(cells)} | {delta_text(row, by_key)} | "
+                     f"{len(row.seeds)} | {row.budget} | [{row.footnote}] |")
     lines += [
         "",
         f"Scores: normalized score (100 x (return - random) / (expert - random), reference scores of the dataset), "
         f"or mean return where marked; mean ± sample std (ddof=1) over seeds. Offline score: each run's last "
         f"evaluation of the offline phase. Final score: the mean of each run's last {last_n} evaluations. "
-        f"Online average: the mean of all of each run's evaluations during the online phase. "
+        f"Online average: the mean of all of each run's evaluations during the online phase. Training episodes: "
+        f"the mean score of the online episodes each run collected (actions sampled from its policy, not the "
+        f"deterministic evaluation action) in the stretch of training its last {last_n} evaluations span. "
         f"Delta vs base: final score minus the base algorithm's final score on the same dataset. Budget: offline "
         f"gradient updates + online environment steps (one update each).",
         "",
@@ -557,6 +575,8 @@ def aggregate(roots: Sequence[str], out: Path, last_n: int = 3, include_unfinish
             "offline_score": "last evaluation of the offline phase (phase 0) of each run",
             "final_score": f"mean of the last {last_n} evaluations of each run",
             "online_average": "mean of all evaluations of the online phase (phase 1) of each run",
+            "training_episodes": f"mean score of the training episodes of each run that ended after its evaluation "
+                                 f"before the last {last_n} (sampled actions)",
             "mean_std": "mean and sample standard deviation (ddof=1) over seeds; std null for one seed",
             "delta_vs_base": "final_mean minus the base algorithm's final_mean on the same dataset",
             "budget": "offline gradient updates + online environment steps",
@@ -566,6 +586,7 @@ def aggregate(roots: Sequence[str], out: Path, last_n: int = 3, include_unfinish
                   "finished": run.finished, "metric": run.metric, "offline_iterations": run.budget[0],
                   "online_iterations": run.budget[1], "offline_score": run.offline_score,
                   "final_score": run.final_score, "online_average": run.online_average,
+                  "training_episodes": run.training_episodes,
                   "last_evaluations": [s for _, s, _ in run.evals[-last_n:]],
                   "path": str(run.path), "provenance": run.provenance} for run in runs],
         "skipped": skipped,

@@ -96,7 +96,8 @@ def test_runner_runs_the_matrix_with_provenance_and_logs(bench):
 
 
 def hand_summary(root: Path, names: list, last_n: int) -> dict:
-    """(label) -> offline score, final score and online average per seed, recomputed from metrics.jsonl."""
+    """(label) -> offline score, final score, online average and training episodes per seed,
+    recomputed from metrics.jsonl."""
     scores = {}
     for name in names:
         evals = eval_records(root / name)
@@ -104,7 +105,12 @@ def hand_summary(root: Path, names: list, last_n: int) -> dict:
         final = statistics.fmean(r["eval/normalized_score"] for r in evals[-last_n:])
         online = [r["eval/normalized_score"] for r in evals if r["phase"] == 1]
         assert len(online) >= 2
-        scores.setdefault(name.split("__")[0], []).append((offline, final, statistics.fmean(online)))
+        window_start = evals[-last_n - 1]["iteration"]
+        training = [r["train/normalized_return"] for r in read_jsonl(root / name / "metrics.jsonl")
+                    if "train/normalized_return" in r and r["iteration"] > window_start]
+        assert len(training) >= 2
+        scores.setdefault(name.split("__")[0], []).append(
+            (offline, final, statistics.fmean(online), statistics.fmean(training)))
     return scores
 
 
@@ -121,10 +127,12 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
     table = (out / "table.md").read_text()
     assert summary["last_n"] == 3 and "mean of each run's last 3 evaluations" in table
     for label in LABELS:
-        offline, final, online = ([v[i] for v in scores[label]] for i in range(3))
+        offline, final, online, training = ([v[i] for v in scores[label]] for i in range(4))
         expected = {"offline_mean": statistics.fmean(offline), "offline_std": statistics.stdev(offline),
                     "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final),
-                    "online_average_mean": statistics.fmean(online), "online_average_std": statistics.stdev(online)}
+                    "online_average_mean": statistics.fmean(online), "online_average_std": statistics.stdev(online),
+                    "training_episodes_mean": statistics.fmean(training),
+                    "training_episodes_std": statistics.stdev(training)}
         row = rows[label]
         (json_row,) = [r for r in summary["rows"] if r["algorithm"] == label]
         for key, value in expected.items():
@@ -133,7 +141,8 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
         assert row["dataset"] == bench["dataset"] and row["seeds"] == "0 1" and row["budget"] == "60 + 60"
         cells = (f"| {bench['dataset']} | {label} | {expected['offline_mean']:.1f} ± {expected['offline_std']:.1f} | "
                  f"{expected['final_mean']:.1f} ± {expected['final_std']:.1f} | "
-                 f"{expected['online_average_mean']:.1f} ± {expected['online_average_std']:.1f} |")
+                 f"{expected['online_average_mean']:.1f} ± {expected['online_average_std']:.1f} | "
+                 f"{expected['training_episodes_mean']:.1f} ± {expected['training_episodes_std']:.1f} |")
         assert cells in table, table
     delta = final_mean["iql_famo2o"] - final_mean["iql"]
     assert float(rows["iql_famo2o"]["delta_vs_base"]) == pytest.approx(delta, rel=1e-12, abs=1e-12)
@@ -313,8 +322,10 @@ def test_committed_matrices_are_valid(path):
             assert budget(cell) == budget(base), (cell.label, cell.base)
 
 
-def write_fake_run(root: Path, name: str, env: str, seed: int, evals: list, samg: list = ()) -> None:
-    """A run directory by hand: evals = [(iteration, phase, return)], samg = [(iteration, p_mean)]."""
+def write_fake_run(root: Path, name: str, env: str, seed: int, evals: list, samg: list = (),
+                   training: list = ()) -> None:
+    """A run directory by hand: evals = [(iteration, phase, return)], samg = [(iteration, p_mean)],
+    training = [(iteration, episode return)]."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"env": env, "seed": seed, "offline_iterations": 20,
@@ -322,6 +333,7 @@ def write_fake_run(root: Path, name: str, env: str, seed: int, evals: list, samg
     records = [{"iteration": it, "eval/return_mean": ret, "eval/return_std": 0.0, "phase": phase}
                for it, phase, ret in evals]
     records += [{"iteration": it, "phase": 1, "samg/p_mean": p, "samg/p_zero_fraction": 1 - p} for it, p in samg]
+    records += [{"iteration": it, "phase": 1, "train/episode_return": ret} for it, ret in training]
     records.sort(key=lambda r: r["iteration"])
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -332,7 +344,9 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     for seed, shift in ((0, 0.0), (1, 2.0)):
         evals = [(10, 0, 1.0 + shift), (20, 0, 2.0 + shift), (25, 1, 0.0 + shift), (30, 1, 3.0 + shift),
                  (40, 1, 5.0 + shift)]
-        write_fake_run(root, f"awac__{env.replace('/', '-')}__s{seed}", env, seed, evals)
+        # with --last-n 2 the window starts after the evaluation at 25: the episode ending at 22 is left out
+        write_fake_run(root, f"awac__{env.replace('/', '-')}__s{seed}", env, seed, evals,
+                       training=[(22, 100.0), (33, 4.0 + shift), (38, 6.0 + shift)])
         write_fake_run(root, f"awac_samg__{env.replace('/', '-')}__s{seed}", env, seed,
                        [(it, ph, r + 1.0) for it, ph, r in evals], samg=[(30, 0.5 + shift / 10), (40, 0.25)])
     write_fake_run(root, f"awac__{env.replace('/', '-')}__s2", env, 2, [(10, 0, 1.0)])  # unfinished: left out
@@ -346,10 +360,14 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     assert awac["final_std"] == pytest.approx(statistics.stdev([4.0, 6.0]))
     assert awac["online_average_mean"] == pytest.approx(11 / 3)  # (0+3+5)/3 and (2+5+7)/3
     assert awac["online_average_std"] == pytest.approx(statistics.stdev([8 / 3, 14 / 3]))
+    assert awac["training_episodes_mean"] == 6.0  # (4+6)/2 and (6+8)/2
+    assert samg["training_episodes_mean"] is None
     assert samg["delta_vs_base"] == pytest.approx(1.0)
     assert any("unfinished" in line for line in summary["skipped"])
     table = (out / "table.md").read_text()
-    assert "| awac_samg | 4.0 ± 1.4 (return) | 6.0 ± 1.4 (return) | 4.7 ± 1.4 (return) | +1.0 vs awac | 2 | 20 + 20 | [1] |" in table
+    assert "| awac_samg | 4.0 ± 1.4 (return) | 6.0 ± 1.4 (return) | 4.7 ± 1.4 (return) | n/a | +1.0 vs awac | 2 | " \
+           "20 + 20 | [1] |" in table
+    assert "| awac | 3.0 ± 1.4 (return) | 5.0 ± 1.4 (return) | 3.7 ± 1.4 (return) | 6.0 ± 1.4 (return) |" in table
     assert "no provenance.json" in table
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n<!-- benchmark-table:begin -->\n| dataset |") and "old" not in readme
