@@ -113,10 +113,11 @@ def load_run(run_dir: Path, last_n: int) -> Optional[RunResult]:
     online = [s for r, s in zip(evals, scores) if r.get("phase") == 1]
     total = total_iterations(config)
     metric = "normalized score" if all("eval/normalized_score" in r for r in evals) else "return"
-    # training episodes that ended in the stretch of training the final score's evaluations span
+    # training episodes that ended in the stretch of training the final score's evaluations span; an
+    # episode is logged at the index t of its last step, an evaluation after that step at t + 1
     window_start = evals[-last_n - 1]["iteration"] if len(evals) > last_n else -1
     train_key = "train/normalized_return" if metric == "normalized score" else "train/episode_return"
-    training = [r[train_key] for r in records if train_key in r and r["iteration"] > window_start]
+    training = [r[train_key] for r in records if train_key in r and r["iteration"] >= window_start]
     samg: Dict[str, Dict[int, float]] = defaultdict(dict)
     for record in records:
         for key, value in record.items():
@@ -238,11 +239,15 @@ def provenance_text(runs: Sequence[RunResult]) -> str:
     software = sorted({f"torch {launch.get('torch')}, mujoco {launch.get('mujoco')}, Python {launch.get('python')}"
                        for launch in launches})
     matrices = sorted({str(run.provenance.get("matrix")) for run in runs if run.provenance.get("matrix")})
-    datasets = sorted({f"`{launch['dataset_sha256'][:10]}`" if launch.get("dataset_sha256") else "not recorded"
-                       for launch in launches})
+    hashes = sorted({f"`{launch['dataset_sha256'][:10]}`" for launch in launches if launch.get("dataset_sha256")})
+    unrecorded = any(not launch.get("dataset_sha256") for launch in launches)
     parts = [f"commit {', '.join(commits)}"]
-    parts.append(f"dataset sha256 {', '.join(datasets)}" + (" (runs trained on different data)" if len(datasets) > 1
-                                                             else ""))
+    if not hashes:
+        parts.append("dataset sha256 not recorded")
+    else:
+        parts.append(f"dataset sha256 {', '.join(hashes)}"
+                     + (" (runs trained on different data)" if len(hashes) > 1 else "")
+                     + (" (not recorded for some launches)" if unrecorded else ""))
     parts.append(f"matrix {', '.join(f'`{m}`' for m in matrices)}" if matrices else "matrix from command-line flags")
     parts.append("resolved config: each run's config.yaml")
     parts.append(f"machine {'; '.join(machines)}")
@@ -273,6 +278,7 @@ class Row:
     online_iterations: List[Optional[int]]
     finished_runs: int
     provenance: str
+    dataset_sha256: List[str] = field(default_factory=list)  # of every launch that recorded one
     footnote: int = 0
 
 
@@ -296,7 +302,9 @@ def summarise(runs: List[RunResult]) -> List[Row]:
             training_episodes_std=training_std, delta_vs_base=None, budget=budget_text(group),
             offline_iterations=sorted({run.budget[0] for run in group}, key=str),
             online_iterations=sorted({run.budget[1] for run in group}, key=str),
-            finished_runs=sum(run.finished for run in group), provenance=provenance_text(group))
+            finished_runs=sum(run.finished for run in group), provenance=provenance_text(group),
+            dataset_sha256=sorted({launch["dataset_sha256"] for run in group
+                                   for launch in run.provenance.get("launches", []) if launch.get("dataset_sha256")}))
     for (dataset, _), row in rows.items():
         base = rows.get((dataset, row.base)) if row.base else None
         if base is not None and row.final_mean is not None and base.final_mean is not None:
@@ -320,8 +328,11 @@ def delta_text(row: Row, rows_by_key: Dict[Tuple[str, str], Row]) -> str:
     if row.delta_vs_base is None:
         return ""
     text = f"{round(row.delta_vs_base, 1) + 0.0:+.1f} vs {row.base}"  # + 0.0: no "-0.0"
-    if rows_by_key[(row.dataset, row.base)].budget != row.budget:
+    base = rows_by_key[(row.dataset, row.base)]
+    if base.budget != row.budget:
         text += " (unequal budget)"
+    if base.dataset_sha256 != row.dataset_sha256:  # same dataset id, other bytes (or a hash not recorded)
+        text += " (other data)"
     return text
 
 

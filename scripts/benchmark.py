@@ -507,6 +507,16 @@ def recorded_dataset_sha256(run_dir: Path) -> Optional[str]:
     return next((launch["dataset_sha256"] for launch in reversed(launches) if launch.get("dataset_sha256")), None)
 
 
+def dataset_change(run_dir: Path, dataset: str) -> Optional[str]:
+    """Why the run may not continue on `dataset` as it is in the store now, if its data changed."""
+    trained_on, now = recorded_dataset_sha256(run_dir), dataset_sha256(dataset)
+    if trained_on and now and trained_on != now:
+        return (f"{dataset} is not the data this run started on (sha256 {trained_on[:10]}, now {now[:10]}; rebuilt, "
+                "or built on another machine?): delete the run directory to start it again on the new data, or "
+                "restore the old dataset to resume")
+    return None
+
+
 def record_launch(run_dir: Path, cell: Cell, matrix: Matrix, machine: dict, command: List[str],
                   resumed_at: int) -> None:
     path = run_dir / "provenance.json"
@@ -632,6 +642,11 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
         while queue or active:
             while queue and len(active) < options.workers:
                 run = queue.pop(0)
+                changed_data = dataset_change(run.run_dir, run.cell.dataset)  # again: planned maybe hours ago
+                if changed_data:
+                    run.state, run.note = "failed", changed_data
+                    show(run, n, width)
+                    continue
                 launch(run, matrix, machine, env)
                 active.append(run)
                 show(run, n, width)
@@ -682,12 +697,9 @@ def plan(matrix: Matrix, options: argparse.Namespace, extra: Sequence[str]) -> L
         run = Run(index, cell, run_dir, algorithm_command(cell, matrix.root, options, extra))
         run.progress = read_progress(run_dir)
         conflicts = config_conflicts(run_dir, run.command)
-        trained_on, now = recorded_dataset_sha256(run_dir), dataset_sha256(cell.dataset)
-        if not run.progress.finished and trained_on and now and trained_on != now:
-            run.state = "failed"
-            run.note = (f"{cell.dataset} is not the data this run started on (sha256 {trained_on[:10]}, now "
-                        f"{now[:10]}; rebuilt, or built on another machine?): delete the run directory to start it "
-                        "again on the new data, or restore the old dataset to resume")
+        changed_data = None if run.progress.finished else dataset_change(run_dir, cell.dataset)
+        if changed_data:
+            run.state, run.note = "failed", changed_data
         elif conflicts:
             run.state = "failed"
             run.note = (f"{run_dir}/config.yaml disagrees with the planned flags ({'; '.join(conflicts)}): "

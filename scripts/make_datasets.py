@@ -608,7 +608,7 @@ class EnvBuild:
                                     f"--expert-steps {budget}; use the --expert-steps it was trained with or "
                                     "another --work-dir.")
                 step, info = budget, {"eval_return_mean": run.snapshot(budget)["eval_return_mean"]}
-            if step not in run.snapshots:
+            if not run.has_snapshot(step):
                 raise UserError(f"The SAC run in {run.run_dir} has no actor snapshot at step {step}, its {which} "
                                 "point (it was trained by a builder that kept snapshots only at new best "
                                 "evaluations): delete that run directory to train it again.")

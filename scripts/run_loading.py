@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import yaml
 
+from benchmark import dataset_sha256, recorded_dataset_sha256
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The agent class of each algorithm file (constructed as Class(config, obs_dim, act_dim, device)).
@@ -55,10 +57,12 @@ class LoadedRun:
     checkpoint: Optional[dict] = None
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Weights of `path` into the agent (built on first use); returns the checkpoint."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if checkpoint.get("algorithm") != self.name:
-            raise SystemExit(f"{path} was written by {checkpoint.get('algorithm')}, not {self.name}.")
+        """Weights of `path` into the agent (built on first use); returns the checkpoint. The algorithm
+        file's own loader checks the algorithm, the dataset id and the normalisation constants."""
+        try:
+            checkpoint = self.module.load_checkpoint(str(path), self.config, self.transform)
+        except self.module.UserError as error:
+            raise SystemExit(f"error: {error}") from None
         if self.agent is None:
             agent_class = getattr(self.module, AGENT_CLASSES[self.name])
             self.agent = agent_class(self.config, self.data["states"].shape[1], self.data["actions"].shape[1],
@@ -82,10 +86,18 @@ def load_run(run_dir: Path, checkpoint_name: str) -> LoadedRun:
     fields = yaml.safe_load((run_dir / "config.yaml").read_text())
     config = module.TrainConfig(**{k: v for k, v in fields.items() if k in module.TrainConfig.__dataclass_fields__})
     config.device = "cpu"
-    dataset = module.load_minari_dataset(config.env, False)
-    data, episode_returns = module.flatten_episodes(dataset)
-    env, eval_env = module.make_environments(dataset, data)
-    transform = module.fit_transform(data, episode_returns, env, config)
+    trained_on, now = recorded_dataset_sha256(run_dir), dataset_sha256(config.env)
+    if trained_on and now and trained_on != now:
+        raise SystemExit(f"error: {run_dir} trained on {config.env} with sha256 {trained_on[:10]}, but the local store "
+                         f"holds other data under that id (sha256 {now[:10]}): its states and scores would not mean "
+                         "the same.")
+    try:
+        dataset = module.load_minari_dataset(config.env, False)
+        data, episode_returns = module.flatten_episodes(dataset)
+        env, eval_env = module.make_environments(dataset, data)
+        transform = module.fit_transform(data, episode_returns, env, config)
+    except module.UserError as error:
+        raise SystemExit(f"error: {error}") from None
     run = LoadedRun(name, module, config, dataset, data, transform, env, eval_env, module.reference_scores(dataset))
     run.load_checkpoint(checkpoint_path)
     return run

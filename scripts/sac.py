@@ -19,7 +19,7 @@ Made for CPU speed (the update is the cost):
 `SACRun` is one seeded training run with checkpoints: `run.train(until_step, stop_return, ...)` trains
 (resuming from `<run_dir>/checkpoint.pt` if there is one) and keeps everything the dataset builder
 needs: every environment transition in exact float64 (`run.transitions.slice(0, end)`, the
-medium-replay data), the evaluation history, and actor snapshots at each new best evaluation and at
+medium-replay data), the evaluation history, and actor snapshots at every evaluation and at
 requested steps (`run.snapshot(step)`, the medium and expert policies). Run directory layout:
 
     run.json                          env, seed, hyperparameters (the run's identity), versions
@@ -444,6 +444,9 @@ class SACRun:
     def new_actor(self) -> Actor:
         return Actor(self.agent.actor.net[0].in_features, self.agent.actor.net[-1].out_features // 2,
                      self.config.hidden_dim)
+
+    def has_snapshot(self, step: int) -> bool:
+        return (self.run_dir / "snapshots" / f"step-{step:09d}.pt").is_file()
 
     def snapshot(self, step: int) -> dict:
         """The stored snapshot at `step`: {"actor": state_dict, "step", "eval_return_mean"}."""

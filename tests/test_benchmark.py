@@ -1,6 +1,7 @@
 """The benchmark runner and the aggregation end to end on a tiny matrix (2 algorithms x the tiny
 Hopper dataset x 2 seeds, 2 workers): runs, skip and resume, provenance, command list, wandb sweep,
 then the numbers of the tables recomputed by hand from the metrics files, and the plots."""
+import argparse
 import csv
 import hashlib
 import json
@@ -105,9 +106,9 @@ def hand_summary(root: Path, names: list, last_n: int) -> dict:
         final = statistics.fmean(r["eval/normalized_score"] for r in evals[-last_n:])
         online = [r["eval/normalized_score"] for r in evals if r["phase"] == 1]
         assert len(online) >= 2
-        window_start = evals[-last_n - 1]["iteration"]
+        window_start = evals[-last_n - 1]["iteration"]  # an episode logged there ended after that evaluation
         training = [r["train/normalized_return"] for r in read_jsonl(root / name / "metrics.jsonl")
-                    if "train/normalized_return" in r and r["iteration"] > window_start]
+                    if "train/normalized_return" in r and r["iteration"] >= window_start]
         assert len(training) >= 2
         scores.setdefault(name.split("__")[0], []).append(
             (offline, final, statistics.fmean(online), statistics.fmean(training)))
@@ -344,9 +345,10 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     for seed, shift in ((0, 0.0), (1, 2.0)):
         evals = [(10, 0, 1.0 + shift), (20, 0, 2.0 + shift), (25, 1, 0.0 + shift), (30, 1, 3.0 + shift),
                  (40, 1, 5.0 + shift)]
-        # with --last-n 2 the window starts after the evaluation at 25: the episode ending at 22 is left out
+        # with --last-n 2 the window starts at the evaluation at 25: an episode logged at 25 ended after it
+        # (episodes are logged at their last step's index, evaluations after it), one at 22 before it
         write_fake_run(root, f"awac__{env.replace('/', '-')}__s{seed}", env, seed, evals,
-                       training=[(22, 100.0), (33, 4.0 + shift), (38, 6.0 + shift)])
+                       training=[(22, 100.0), (25, 8.0 + shift), (33, 4.0 + shift), (38, 6.0 + shift)])
         write_fake_run(root, f"awac_samg__{env.replace('/', '-')}__s{seed}", env, seed,
                        [(it, ph, r + 1.0) for it, ph, r in evals], samg=[(30, 0.5 + shift / 10), (40, 0.25)])
     write_fake_run(root, f"awac__{env.replace('/', '-')}__s2", env, 2, [(10, 0, 1.0)])  # unfinished: left out
@@ -360,14 +362,14 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     assert awac["final_std"] == pytest.approx(statistics.stdev([4.0, 6.0]))
     assert awac["online_average_mean"] == pytest.approx(11 / 3)  # (0+3+5)/3 and (2+5+7)/3
     assert awac["online_average_std"] == pytest.approx(statistics.stdev([8 / 3, 14 / 3]))
-    assert awac["training_episodes_mean"] == 6.0  # (4+6)/2 and (6+8)/2
+    assert awac["training_episodes_mean"] == 7.0  # (8+4+6)/3 and (10+6+8)/3
     assert samg["training_episodes_mean"] is None
     assert samg["delta_vs_base"] == pytest.approx(1.0)
     assert any("unfinished" in line for line in summary["skipped"])
     table = (out / "table.md").read_text()
     assert "| awac_samg | 4.0 ± 1.4 (return) | 6.0 ± 1.4 (return) | 4.7 ± 1.4 (return) | n/a | +1.0 vs awac | 2 | " \
            "20 + 20 | [1] |" in table
-    assert "| awac | 3.0 ± 1.4 (return) | 5.0 ± 1.4 (return) | 3.7 ± 1.4 (return) | 6.0 ± 1.4 (return) |" in table
+    assert "| awac | 3.0 ± 1.4 (return) | 5.0 ± 1.4 (return) | 3.7 ± 1.4 (return) | 7.0 ± 1.4 (return) |" in table
     assert "no provenance.json" in table
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n<!-- benchmark-table:begin -->\n| dataset |") and "old" not in readme
@@ -407,4 +409,36 @@ def test_provenance_names_the_data_of_every_launch():
     assert "; dataset sha256 `aaaaaaaaaa`; matrix" in aggregate.provenance_text([run("a" * 64), run("a" * 64)])
     mixed = aggregate.provenance_text([run("a" * 64), run("a" * 64, "b" * 64)])
     assert "dataset sha256 `aaaaaaaaaa`, `bbbbbbbbbb` (runs trained on different data)" in mixed
-    assert "dataset sha256 `aaaaaaaaaa`, not recorded (runs" in aggregate.provenance_text([run("a" * 64), run(None)])
+    partly = aggregate.provenance_text([run("a" * 64), run(None)])
+    assert "dataset sha256 `aaaaaaaaaa` (not recorded for some launches);" in partly
+    assert "; dataset sha256 not recorded;" in aggregate.provenance_text([run(None)])
+
+
+def test_delta_vs_base_is_marked_when_the_base_trained_on_other_data(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    env = "o2o-test/swimmer/random-v0"
+    evals = [(20, 0, 1.0), (40, 1, 2.0)]
+    for label, sha in (("awac", "a" * 64), ("awac_samg", "b" * 64)):
+        name = f"{label}__{env.replace('/', '-')}__s0"
+        write_fake_run(root, name, env, 0, evals)
+        launch = {"commit": None, "dirty": None, "dataset_sha256": sha}
+        (root / name / "provenance.json").write_text(json.dumps({"algorithm": label, "launches": [launch]}))
+    assert aggregate.main([str(root), "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "| +0.0 vs awac (other data) |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["dataset_sha256"] for row in summary["rows"]] == [["a" * 64], ["b" * 64]]
+
+
+def test_a_run_whose_data_changed_since_planning_is_not_launched(bench, tmp_path):
+    run_dir = tmp_path / "runs" / bench["names"][0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "provenance.json").write_text(json.dumps({"launches": [{"dataset_sha256": "0" * 64}]}))
+    cell = benchmark.Cell("iql", "iql", bench["dataset"], 0, None, None, ())
+    run = benchmark.Run(1, cell, run_dir, [sys.executable, "-c", "raise SystemExit('launched')"])
+    matrix = benchmark.Matrix(algorithms={"iql": {}}, datasets=[bench["dataset"]], seeds=[0],
+                              root=str(tmp_path / "runs"))
+    options = argparse.Namespace(workers=1, poll=0.01, cpu_threads=1, device="cpu")
+    assert benchmark.execute([run], matrix, options) == 1
+    assert run.state == "failed" and "is not the data this run started on" in run.note
+    assert run.process is None and not (run_dir / "stdout.log").exists()

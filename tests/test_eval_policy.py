@@ -38,6 +38,14 @@ def test_deterministic_mode_repeats_the_runs_last_evaluation(name, train_script,
     assert other_seed["deterministic"]["return_mean"] != deterministic["return_mean"]  # other initial states
 
 
+def test_a_run_on_other_data_is_refused(train_script, run_script, tmp_path):
+    assert train_script("iql", tmp_path, "--name", "run").returncode == 0
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps({"launches": [{"dataset_sha256": "0" * 64}]}))
+    result = run_script("scripts/eval_policy.py", tmp_path / "run")
+    assert result.returncode != 0 and "holds other data under that id (sha256" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_missing_checkpoint_is_a_clear_error(run_script, tmp_path):
     result = run_script("scripts/eval_policy.py", tmp_path, "--checkpoint", "offline.pt")
     assert result.returncode != 0 and "offline.pt does not exist" in result.stderr

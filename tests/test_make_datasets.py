@@ -319,6 +319,36 @@ def test_first_eval_reaching_counts_evaluations_in_a_row():
     assert sac.SACRun.first_eval_reaching(run, 20.0)["step"] == 2000  # one evaluation by default
 
 
+def test_sac_training_stops_at_the_second_evaluation_in_a_row(tmp_path):
+    from make_datasets import QUICK_SAC
+
+    run = sac.SACRun("InvertedPendulum-v5", 0, QUICK_SAC, tmp_path / "run", checkpoint_every=1000, progress=False)
+    try:
+        run.train(3000, stop_return=20.0, stop_consecutive=2)
+        point = run.first_eval_reaching(20.0, 2)
+        assert point is not None and point is run.evals[-1]  # no evaluation after the stopping one
+        assert run.first_eval_reaching(20.0, 1)["step"] < point["step"]
+        assert 0 <= run.step - point["step"] <= 1000  # only the episode in progress was finished
+        assert run.has_snapshot(point["step"]) and not run.has_snapshot(point["step"] + 1)
+        steps = run.step
+        run.train(3000, stop_return=20.0, stop_consecutive=2)  # already reached: nothing more to train
+        assert run.step == steps
+    finally:
+        run.close()
+
+
+def test_a_medium_point_without_its_snapshot_is_a_clear_error(run_script, minari_store):
+    namespace = "o2o-test-nosnapshot"
+    args = (*QUICK_SAC_ARGS, "--levels", "medium", "--namespace", namespace)
+    assert run_script(SCRIPT, *args).returncode == 0
+    medium = read_manifest(minari_store, namespace)[f"{namespace}/invertedpendulum/medium-v0"]["behaviour_policy"]
+    (run_dir,) = builder_dir(minari_store, namespace).glob("invertedpendulum/sac-seed0-*")
+    (run_dir / "snapshots" / f"step-{medium['medium']['sac_step']:09d}.pt").unlink()
+    (run_dir / "policies" / "medium.pt").unlink()
+    result = run_script(SCRIPT, *args, "--overwrite")
+    assert_user_error(result, f"no actor snapshot at step {medium['medium']['sac_step']}", "delete that run directory")
+
+
 def test_medium_ends_the_first_evaluations_in_a_row_reaching_the_threshold(sac_build, minari_store):
     checkpoint = sac_checkpoint(minari_store, "o2o-test-sac")
     evals = checkpoint["evals"]
