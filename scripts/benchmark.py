@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -67,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, IO, List, Optional, Sequence, Tuple
 
-from machine import cpu_model  # scripts/machine.py (this script's directory is on sys.path)
+from machine import cpu_model, sha256_of  # scripts/machine.py (this script's directory is on sys.path)
 
 import yaml
 
@@ -467,13 +466,7 @@ def machine_info(device: str) -> dict:
 
 
 def file_sha256(path: Path) -> Optional[str]:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path) if path.is_file() else None
 
 
 def dataset_file(dataset: str) -> Path:

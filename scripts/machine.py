@@ -1,4 +1,5 @@
-"""Facts about the machine that scripts record next to their measurements."""
+"""Provenance that scripts record next to their measurements: the machine, and hashes of files."""
+import hashlib
 import platform
 from pathlib import Path
 
@@ -12,3 +13,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (datasets can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

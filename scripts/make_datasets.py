@@ -89,6 +89,7 @@ from sac import (  # noqa: E402  (scripts/ is a folder of scripts, not a package
     Actor, Interrupted, SACConfig, SACRun, action_scaler, atomic_torch_save, atomic_write, derived_seed, evaluate,
     to_env_action,
 )
+from machine import sha256_of  # noqa: E402
 
 DEFAULT_ENVS = ["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"]
 DEFAULT_SIZE = 1_000_000
@@ -419,14 +420,6 @@ def move_into_store(staging: Path, root: Path, dataset_id: str) -> None:
     if final.exists():  # only with --overwrite: move the old one aside (it is deleted with `staging`)
         final.rename(staging / ".replaced")
     (staging / dataset_id).rename(final)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dataset_stats(dataset_id: str) -> dict:
