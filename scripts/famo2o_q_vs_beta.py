@@ -8,7 +8,11 @@ target critics; cql_famo2o.py: the current critics). For each checkpoint of the 
 over dataset states, the mean of that Q at the universal policy's deterministic action for a grid
 of betas, the spread of those means across the grid, and the mean beta the balance model picks;
 next to the family evaluation (`family_scores.jsonl`: the return of each fixed beta) it tells
-whether the balance model had a signal to follow. Runs on the CPU.
+whether the balance model had a signal to follow. For scale it also prints the spread per state
+(the balance model chooses per state), how far apart the actions of the lowest and highest beta are,
+and the same critic's Q at the dataset's action and at a uniformly random action: a small spread
+across betas next to a large dataset-vs-random gap means the family's actions differ in ways the
+critic does not value, not that the critic ignores actions. Runs on the CPU.
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ from run_loading import load_run
 FAMO2O_SCRIPTS = ("iql_famo2o", "cql_famo2o")
 
 
-def deterministic_q(module: Any, agent: Any, states: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
-    """min Q(s, pi_u(s, beta)) with the critics the file's balance model maximises."""
+def deterministic_action(module: Any, agent: Any, states: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """pi_u(s, beta)'s deterministic action, as the file's balance model scores it."""
     dist = agent.actor(states, betas)
-    if hasattr(module, "CriticPair"):  # cql_famo2o.py: tanh-Gaussian actor, current critics
-        return agent.qf(states, torch.tanh(dist.loc)).min(0).values
-    return agent.q_target(states, dist.mean.clamp(-1.0, 1.0)).min(0).values  # iql_famo2o.py
+    if hasattr(module, "CriticPair"):  # cql_famo2o.py: tanh-Gaussian actor
+        return torch.tanh(dist.loc)
+    return dist.mean.clamp(-1.0, 1.0)  # iql_famo2o.py
+
+
+def min_q(module: Any, agent: Any, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """min over the critic pair, with the critics the file's balance model maximises."""
+    if hasattr(module, "CriticPair"):  # cql_famo2o.py: current critics
+        return agent.qf(states, actions).min(0).values
+    return agent.q_target(states, actions).min(0).values  # iql_famo2o.py: target critics
 
 
 def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optional[List[float]]) -> List[Dict[str, Any]]:
@@ -38,21 +49,32 @@ def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optiona
     run = load_run(run_dir, checkpoints[0])
     if run.name not in FAMO2O_SCRIPTS:
         raise SystemExit(f"{run_dir} is a {run.name} run; this diagnostic reads {' or '.join(FAMO2O_SCRIPTS)} runs.")
-    states_all = torch.as_tensor(run.transform.dataset(run.data)["states"])
-    index = torch.randint(0, states_all.shape[0], (n_states,), generator=torch.Generator().manual_seed(0))
-    states = states_all[index]
+    dataset = run.transform.dataset(run.data)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(0, dataset["states"].shape[0], (n_states,), generator=generator)
+    states = torch.as_tensor(dataset["states"])[index]
+    dataset_actions = torch.as_tensor(dataset["actions"])[index]
+    random_actions = torch.rand(dataset_actions.shape, generator=generator) * 2.0 - 1.0
     results = []
     for checkpoint_name in checkpoints:
         checkpoint = run.load_checkpoint(run_dir / checkpoint_name)
         agent = run.agent
         grid = betas or torch.linspace(agent.beta_min, agent.beta_max, 5).tolist()
         with torch.no_grad():
-            q = {beta: deterministic_q(run.module, agent, states, torch.full((n_states,), beta)).mean().item()
-                 for beta in grid}
+            actions = [deterministic_action(run.module, agent, states, torch.full((n_states,), beta)) for beta in grid]
+            q_per_state = torch.stack([min_q(run.module, agent, states, a) for a in actions])  # [betas, states]
             chosen = agent.acting_betas(states)
-        results.append({"checkpoint": checkpoint_name, "iteration": checkpoint["iteration"], "q_by_beta": q,
-                        "q_spread": max(q.values()) - min(q.values()), "balance_beta_mean": chosen.mean().item(),
-                        "balance_beta_std": chosen.std().item()})
+            q_dataset = min_q(run.module, agent, states, dataset_actions).mean().item()
+            q_random = min_q(run.module, agent, states, random_actions).mean().item()
+        q = {beta: q_per_state[i].mean().item() for i, beta in enumerate(grid)}
+        results.append({
+            "checkpoint": checkpoint_name, "iteration": checkpoint["iteration"], "q_by_beta": q,
+            "q_spread": max(q.values()) - min(q.values()),
+            "q_spread_per_state": (q_per_state.max(0).values - q_per_state.min(0).values).mean().item(),
+            "action_distance": (actions[-1] - actions[0]).norm(dim=-1).mean().item(),
+            "q_dataset_action": q_dataset, "q_random_action": q_random,
+            "balance_beta_mean": chosen.mean().item(), "balance_beta_std": chosen.std().item(),
+        })
     return results
 
 
@@ -75,7 +97,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             continue
         print(f"{result['checkpoint']} (iteration {result['iteration']}): balance model's beta "
               f"{result['balance_beta_mean']:.2f} +- {result['balance_beta_std']:.2f}; Q spread across betas "
-              f"{result['q_spread']:.3f}")
+              f"{result['q_spread']:.3f} (per state {result['q_spread_per_state']:.3f})")
+        print(f"  |a(beta max) - a(beta min)| = {result['action_distance']:.3f}; min Q at the dataset action "
+              f"{result['q_dataset_action']:.3f}, at a uniformly random action {result['q_random_action']:.3f}")
         for beta, q in result["q_by_beta"].items():
             print(f"  beta {beta:g}: mean min Q(s, pi_u(s, beta)) = {q:.3f}")
 
