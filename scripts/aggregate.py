@@ -204,17 +204,18 @@ def git_blob_sha256(commit: str, path: str) -> Optional[str]:
 
 
 def script_commit_note(launch: Dict[str, Any], script: Optional[str]) -> str:
-    """"" when the launched script is the file at the launch's commit; else where it is committed.
+    """"" for a launch from a clean tree; else whether the launched script is the file at the commit.
 
     A launch from a tree with uncommitted changes ran the committed script when the script's
-    recorded sha256 equals that of the file at the commit; otherwise the commit that first holds a
+    recorded sha256 equals that of the file at the commit (other files, which the run's resolved
+    config.yaml makes irrelevant to training, were changed); otherwise the commit that first holds a
     file with that sha256 is named (checked with git), or the script is marked as uncommitted."""
     if not launch.get("dirty"):
         return ""
     sha, commit = launch.get("script_sha256"), launch.get("commit")
     if script and sha and commit:
         if git_blob_sha256(commit, script) == sha:
-            return ""
+            return " (script as committed, other files uncommitted)"
         try:
             later = subprocess.run(["git", "rev-list", "--reverse", f"{commit}..HEAD", "--", script], cwd=REPO,
                                    capture_output=True, text=True, timeout=30).stdout.split()

@@ -149,8 +149,11 @@ def test_aggregation_tables_and_plots(bench, run_script, tmp_path):
     assert float(rows["iql_famo2o"]["delta_vs_base"]) == pytest.approx(delta, rel=1e-12, abs=1e-12)
     assert rows["iql"]["delta_vs_base"] == ""
     assert f"| {delta:+.1f} vs iql | 2 | 60 + 60 | [1] |" in table
-    commit = json.loads((root / bench["names"][0] / "provenance.json").read_text())["launches"][0]["commit"]
-    assert f"[1] commit `{(commit or 'unknown')[:10]}`; dataset sha256 `{dataset_sha256(bench['dataset'])[:10]}`;" in table
+    provenance = json.loads((root / bench["names"][0] / "provenance.json").read_text())
+    launch = provenance["launches"][0]
+    note = aggregate.script_commit_note(launch, provenance["script"])  # "" on a clean tree (CI); tested below
+    assert f"[1] commit `{(launch['commit'] or 'unknown')[:10]}`{note}" in table
+    assert f"dataset sha256 `{dataset_sha256(bench['dataset'])[:10]}`;" in table
     assert f"({os.cpu_count()} cores, device cpu, host " in table and "torch 2." in table
 
     # learning curves: mean over seeds at every evaluation iteration
@@ -393,7 +396,7 @@ def test_provenance_checks_the_script_against_its_commit():
     sha = {commit: hashlib.sha256(git("show", f"{commit}:{script}")).hexdigest() for commit in (changed, parent)}
     assert sha[changed] != sha[parent]
     launch = {"commit": parent, "dirty": True, "script_sha256": sha[parent]}
-    assert aggregate.script_commit_note(launch, script) == ""
+    assert aggregate.script_commit_note(launch, script) == " (script as committed, other files uncommitted)"
     assert aggregate.script_commit_note({**launch, "script_sha256": sha[changed]}, script) == \
         f" (script as committed in `{changed[:10]}`)"
     assert aggregate.script_commit_note({**launch, "script_sha256": "0" * 64}, script) == \
