@@ -231,9 +231,12 @@ def provenance_text(runs: Sequence[RunResult]) -> str:
     launches = [(launch, run.provenance.get("script")) for run in runs for launch in run.provenance.get("launches", [])]
     if not launches:
         return "no provenance.json (not launched by scripts/benchmark.py); resolved configs in each run's config.yaml"
-    commits = sorted({f"`{(launch.get('commit') or 'unknown')[:10]}`"
-                      + script_commit_note(launch, script)
-                      for launch, script in launches})
+    notes: Dict[str, set] = {}
+    for launch, script in launches:
+        notes.setdefault((launch.get("commit") or "unknown")[:10], set()).add(script_commit_note(launch, script))
+    # a commit launched once clean and once with other files uncommitted is named once, with its note
+    commits = sorted(f"`{commit}`{note}" for commit, commit_notes in notes.items()
+                     for note in (commit_notes - {""} or {""}))
     launches = [launch for launch, _ in launches]
     machines = sorted({f"{launch.get('gpu') or launch.get('cpu')} ({launch.get('cpu_count')} cores, device "
                        f"{launch.get('device')}, host {launch.get('host')})" for launch in launches})

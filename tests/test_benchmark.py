@@ -417,6 +417,18 @@ def test_provenance_names_the_data_of_every_launch():
     assert "; dataset sha256 not recorded;" in aggregate.provenance_text([run(None)])
 
 
+def test_a_commit_launched_clean_and_dirty_is_named_once():
+    script = "algorithms/iql.py"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    sha = aggregate.git_blob_sha256(head, script)
+    launches = [{"commit": head, "dirty": dirty, "cpu": "cpu", "script_sha256": sha} for dirty in (False, True)]
+    run = types.SimpleNamespace(provenance={"launches": launches, "matrix": "m.yaml", "script": script})
+    text = aggregate.provenance_text([run])
+    assert text.startswith(f"commit `{head[:10]}` (script as committed, other files uncommitted); "), text
+    clean = types.SimpleNamespace(provenance={**run.provenance, "launches": launches[:1]})
+    assert aggregate.provenance_text([clean]).startswith(f"commit `{head[:10]}`; ")
+
+
 def test_delta_vs_base_is_marked_when_the_base_trained_on_other_data(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "out"
     env = "o2o-test/swimmer/random-v0"
