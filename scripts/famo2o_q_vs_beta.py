@@ -11,8 +11,8 @@ next to the family evaluation (`family_scores.jsonl`: the return of each fixed b
 whether the balance model had a signal to follow. For scale it also prints the spread per state
 (the balance model chooses per state), how far apart the actions of the lowest and highest beta are,
 and the same critic's Q at the dataset's action and at a uniformly random action: a small spread
-across betas next to a large dataset-vs-random gap means the family's actions differ in ways the
-critic does not value, not that the critic ignores actions. Runs on the CPU.
+across betas next to a large dataset-vs-random gap means the family's actions are too close for
+the critic to rank, not that the critic ignores actions. Runs on the CPU.
 """
 
 from __future__ import annotations
