@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -510,8 +511,22 @@ def dataset_change(run_dir: Path, dataset: str) -> Optional[str]:
     return None
 
 
+def checkpoint_iteration(run_dir: Path) -> Optional[int]:
+    """The iteration a run resumes from (0 without a checkpoint). Not its metrics' last iteration: a run
+    killed between checkpoints has logged past its checkpoint, and drops those lines when it resumes."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return 0
+    import torch  # only here: planning and progress need no torch; mmap reads the small pickle, not the tensors
+
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["iteration"])
+    except Exception:  # unreadable: the run itself reports it when it loads the checkpoint
+        return None
+
+
 def record_launch(run_dir: Path, cell: Cell, matrix: Matrix, machine: dict, command: List[str],
-                  resumed_at: int) -> None:
+                  resumed_at: Optional[int]) -> None:
     path = run_dir / "provenance.json"
     try:
         provenance = json.loads(path.read_text()) if path.is_file() else {}
@@ -543,6 +558,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     process: Optional[subprocess.Popen] = None
     log: Optional[IO] = None
+    lock: Optional[IO] = None
     started: float = 0.0
     note: str = ""
     shown: Optional[tuple] = None
@@ -587,19 +603,44 @@ def child_env(threads: int) -> Dict[str, str]:
     return env
 
 
-def launch(run: Run, matrix: Matrix, machine: dict, env: Dict[str, str]) -> None:
+def lock_run(run_dir: Path) -> Optional[IO]:
+    """An exclusive lock on the run directory, or None when another runner holds it. The launched run
+    inherits the lock's file descriptor, so the lock lasts while either this runner or the run lives."""
+    handle = open(run_dir / ".runner.lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def launch(run: Run, matrix: Matrix, machine: dict, env: Dict[str, str]) -> bool:
+    """Start the run; False (and nothing started) when another runner is running it."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    record_launch(run.run_dir, run.cell, matrix, machine, run.command, run.progress.iteration)
+    run.lock = lock_run(run.run_dir)
+    if run.lock is None:
+        run.state, run.note = "busy", "another runner is running it: left to that runner"
+        return False
+    run.progress = read_progress(run.run_dir)  # the other runner may have finished it since we planned
+    if run.progress.finished:
+        run.state, run.note = "done", "finished by another runner"
+        run.lock.close()
+        return False
+    record_launch(run.run_dir, run.cell, matrix, machine, run.command, checkpoint_iteration(run.run_dir))
     run.log = open(run.run_dir / "stdout.log", "a")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     run.log.write(f"\n=== {stamp} benchmark.py launches: {shlex.join(run.command)}\n")
     run.log.flush()
-    run.process = subprocess.Popen(run.command, stdout=run.log, stderr=subprocess.STDOUT, env=env)
+    run.process = subprocess.Popen(run.command, stdout=run.log, stderr=subprocess.STDOUT, env=env,
+                                   pass_fds=(run.lock.fileno(),))
     run.state, run.started, run.note = "running", time.time(), ""
+    return True
 
 
 def finish(run: Run, returncode: int) -> None:
     run.log.close()
+    run.lock.close()
     run.progress = read_progress(run.run_dir)
     if returncode == 0 and run.progress.finished:
         run.state, run.note = "done", ""
@@ -640,8 +681,8 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
                     run.state, run.note = "failed", changed_data
                     show(run, n, width)
                     continue
-                launch(run, matrix, machine, env)
-                active.append(run)
+                if launch(run, matrix, machine, env):
+                    active.append(run)
                 show(run, n, width)
             time.sleep(options.poll)
             for run in list(active):
@@ -662,6 +703,7 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
                 run.process.kill()
                 run.process.wait()
             run.log.close()
+            run.lock.close()
         print(f"interrupted: stopped {len(active)} running run(s); run the same command again to resume "
               "them from their last checkpoints.", flush=True)
         return 130
@@ -669,7 +711,8 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
         signal.signal(signal.SIGTERM, previous)
     states = [r.state for r in runs]
     skipped = sum(1 for r in runs if r.note == "finished earlier")
-    print(f"{n} runs: {states.count('done')} done ({skipped} finished earlier), {states.count('failed')} failed. "
+    busy = f", {states.count('busy')} left to another runner" if "busy" in states else ""
+    print(f"{n} runs: {states.count('done')} done ({skipped} finished earlier), {states.count('failed')} failed{busy}. "
           f"Aggregate: python scripts/aggregate.py {matrix.root} --out results/<name>", flush=True)
     return 1 if "failed" in states else 0
 
@@ -700,7 +743,10 @@ def plan(matrix: Matrix, options: argparse.Namespace, extra: Sequence[str]) -> L
         elif run.progress.finished:
             run.state, run.note = "done", "finished earlier"
         elif run.progress.iteration:
-            run.note = f"will resume (metrics up to iteration {run.progress.iteration})"
+            resume_from = checkpoint_iteration(run_dir)
+            run.note = (f"will start again: no checkpoint yet (metrics up to iteration {run.progress.iteration})"
+                        if resume_from == 0 else f"will resume from its checkpoint at iteration "
+                        f"{'?' if resume_from is None else resume_from} (metrics up to iteration {run.progress.iteration})")
         runs.append(run)
     return runs
 

@@ -185,9 +185,10 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(bench, run_script, t
     shutil.copytree(bench["root"], root)
     killed = root / bench["names"][1]
     original = eval_records(killed)
-    # as if killed in the online phase after the checkpoint at the switch: metrics and checkpoint at 60
+    # as if killed in the online phase after the checkpoint at the switch (60) and after the evaluation at
+    # 80 but before that evaluation's checkpoint was written: metrics run ahead of the checkpoint
     records = read_jsonl(killed / "metrics.jsonl")
-    (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["iteration"] <= 60))
+    (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["iteration"] <= 80))
     shutil.copy(killed / "offline.pt", killed / "checkpoint.pt")
     untouched = {name: (root / name / "metrics.jsonl").read_text() for name in bench["names"] if root / name != killed}
 
@@ -195,11 +196,12 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(bench, run_script, t
                         "--poll", "0.2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 runs: 4 done (3 finished earlier), 0 failed." in result.stdout
-    assert f"pending {killed.name}" in result.stdout and "will resume (metrics up to iteration 60)" in result.stdout
+    assert f"pending {killed.name}" in result.stdout
+    assert "will resume from its checkpoint at iteration 60 (metrics up to iteration 80)" in result.stdout
     assert f"Resuming {killed} at iteration 60" in (killed / "stdout.log").read_text()
     resumed = eval_records(killed)
     assert [r["iteration"] for r in resumed] == [40, 60, 80, TOTAL]
-    assert resumed[:2] == original[:2]  # records before the checkpoint are kept as they were
+    assert resumed[:2] == original[:2]  # records up to the checkpoint are kept as they were, later ones redone
     # resuming from the checkpoint reproduces the uninterrupted run
     assert [r["eval/normalized_score"] for r in resumed] == [r["eval/normalized_score"] for r in original]
     assert [launch["resumed_at_iteration"] for launch in
@@ -207,6 +209,42 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(bench, run_script, t
     for name, text in untouched.items():
         assert (root / name / "metrics.jsonl").read_text() == text
         assert len(json.loads((root / name / "provenance.json").read_text())["launches"]) == 1
+
+
+def test_a_run_another_runner_holds_is_left_to_it(bench, run_script, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(bench["root"], root)
+    held = root / bench["names"][1]
+    for name in bench["names"][1:]:  # three unfinished runs, one of them held by "another runner"
+        (root / name / "metrics.jsonl").write_text("")
+        (root / name / "checkpoint.pt").unlink(missing_ok=True)
+    with open(held / ".runner.lock", "a") as other_runner:
+        benchmark.fcntl.flock(other_runner, benchmark.fcntl.LOCK_EX | benchmark.fcntl.LOCK_NB)
+        result = run_script("scripts/benchmark.py", "--matrix", bench["matrix"], "--root", root, "--workers", "2",
+                            "--poll", "0.2")
+        assert (held / "metrics.jsonl").read_text() == ""  # not launched a second time
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 runs: 3 done (1 finished earlier), 0 failed, 1 left to another runner." in result.stdout
+    assert re.search(rf"busy +{held.name} .*another runner is running it", result.stdout)
+    for name in bench["names"][2:]:
+        assert [r["iteration"] for r in eval_records(root / name)] == [40, 60, 80, TOTAL]
+    for name in bench["names"][1:]:  # the runner let go of every lock it took
+        with open(root / name / ".runner.lock", "a") as handle:
+            benchmark.fcntl.flock(handle, benchmark.fcntl.LOCK_EX | benchmark.fcntl.LOCK_NB)
+
+
+def test_the_lock_on_a_run_lives_as_long_as_the_run(tmp_path):
+    lock = benchmark.lock_run(tmp_path)
+    assert lock is not None and benchmark.lock_run(tmp_path) is None
+    # the launched run inherits the lock: a runner killed with SIGKILL leaves its run still holding it
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=(lock.fileno(),))
+    try:
+        lock.close()
+        assert benchmark.lock_run(tmp_path) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert benchmark.lock_run(tmp_path) is not None
 
 
 def test_a_run_is_not_resumed_on_other_data(bench, run_script, tmp_path):
