@@ -36,3 +36,26 @@ def test_compiled_step_matches_eager():
     assert metrics[False].keys() == metrics[True].keys()
     for key, value in metrics[False].items():  # float32 kernels fused differently: rounding-level differences
         assert abs(metrics[True][key] - value) <= 1e-4 * max(1.0, abs(value)), key
+
+
+def test_readme_speed_table_is_the_committed_measurement():
+    """Every number of the README's speed table is results/throughput.csv's, rounded as shown."""
+    rows = {(r["file"], r["phase"], r["threads"]): r for r in csv.DictReader(open(REPO / "results" / "throughput.csv"))}
+    readme = (REPO / "README.md").read_text()
+    header = "| file | 1 thread, offline | 1 thread, online | 2 threads, offline | 2 threads, online |"
+    table = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
+    columns = [("offline", "1"), ("online", "1"), ("offline", "2"), ("online", "2")]
+    seen = set()
+    for line in table:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        name = cells[0].strip("`")
+        file = "cql.py (straightforward)" if name.startswith("cql.py, straightforward") else name
+        for (phase, threads), shown in zip(columns, cells[1:5]):
+            if shown:
+                assert shown == f"{float(rows[(file, phase, threads)]['ms_per_update']):.2f}", (file, phase, threads)
+                seen.add((file, phase, threads))
+        ratios = [part.strip().rstrip("x") for part in cells[5].split("slower")[0].split("/") if part.strip()]
+        if ratios:  # online vs base (offline for the straightforward CQL, which has no online row)
+            phase = "offline" if file == "cql.py (straightforward)" else "online"
+            assert ratios == [f"{float(rows[(file, phase, t)]['vs_base']):.2f}" for t in ("1", "2")], file
+    assert seen == set(rows), set(rows) - seen
