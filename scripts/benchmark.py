@@ -26,8 +26,10 @@ flags planned for it (another budget, say) is reported as failed instead of bein
 another `--root`. Before each launch the runner appends the git commit (and whether the tree had
 uncommitted changes), the script's sha256, the machine (host, CPU, GPU), Python and torch versions
 and the command to `<root>/<run name>/provenance.json`; `scripts/aggregate.py` names them in its
-tables. The runner prints one line per run whenever its state (pending, running, done, failed) or
-its latest evaluation score changes, and exits 1 if any run failed.
+tables. The runner prints one line per run whenever its state (pending, running, done, failed, busy)
+or its latest evaluation score changes, and exits 1 if any run failed. It locks a run's directory
+while the run lives (`<root>/<run name>/.runner.lock`), so several runners may share a root: a run
+locked by another runner is left to it (busy).
 
 Matrix file (YAML; see configs/benchmark/):
 
@@ -712,7 +714,8 @@ def execute(runs: List[Run], matrix: Matrix, options: argparse.Namespace) -> int
     states = [r.state for r in runs]
     skipped = sum(1 for r in runs if r.note == "finished earlier")
     busy = f", {states.count('busy')} left to another runner" if "busy" in states else ""
-    print(f"{n} runs: {states.count('done')} done ({skipped} finished earlier), {states.count('failed')} failed{busy}. "
+    print(f"{n} runs: {states.count('done')} done ({skipped} finished earlier), {states.count('failed')} failed"
+          f"{busy}. "
           f"Aggregate: python scripts/aggregate.py {matrix.root} --out results/<name>", flush=True)
     return 1 if "failed" in states else 0
 
@@ -744,9 +747,10 @@ def plan(matrix: Matrix, options: argparse.Namespace, extra: Sequence[str]) -> L
             run.state, run.note = "done", "finished earlier"
         elif run.progress.iteration:
             resume_from = checkpoint_iteration(run_dir)
-            run.note = (f"will start again: no checkpoint yet (metrics up to iteration {run.progress.iteration})"
-                        if resume_from == 0 else f"will resume from its checkpoint at iteration "
-                        f"{'?' if resume_from is None else resume_from} (metrics up to iteration {run.progress.iteration})")
+            logged = f"metrics up to iteration {run.progress.iteration}"
+            run.note = (f"will start again: no checkpoint yet ({logged})" if resume_from == 0 else
+                        f"will resume from its checkpoint at iteration {'?' if resume_from is None else resume_from} "
+                        f"({logged})")
         runs.append(run)
     return runs
 

@@ -457,7 +457,8 @@ def test_provenance_names_the_data_of_every_launch():
 
 def test_a_commit_launched_clean_and_dirty_is_named_once():
     script = "algorithms/iql.py"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
     sha = aggregate.git_blob_sha256(head, script)
     launches = [{"commit": head, "dirty": dirty, "cpu": "cpu", "script_sha256": sha} for dirty in (False, True)]
     run = types.SimpleNamespace(provenance={"launches": launches, "matrix": "m.yaml", "script": script})
