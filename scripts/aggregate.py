@@ -26,7 +26,7 @@ normalized scores
 (`eval/normalized_score`) when the dataset has reference scores, else mean returns. Per (dataset,
 algorithm): mean and sample standard deviation (ddof=1) over seeds; *delta vs base* = final mean
 minus the base algorithm's final mean on the same dataset (BASES in scripts/benchmark.py, or the
-matrix's `base`).
+matrix's `base`), marked when the two rows' budgets, data or seeds differ.
 
 Writes into --out:
     summary.csv, summary.json   one row per (dataset, algorithm); summary.json also has every run
@@ -337,6 +337,8 @@ def delta_text(row: Row, rows_by_key: Dict[Tuple[str, str], Row]) -> str:
         text += " (unequal budget)"
     if base.dataset_sha256 != row.dataset_sha256:  # same dataset id, other bytes (or a hash not recorded)
         text += " (other data)"
+    if base.seeds != row.seeds:  # a matrix still running: means over different seeds
+        text += f" (seeds {', '.join(map(str, row.seeds))} vs {', '.join(map(str, base.seeds))})"
     return text
 
 
@@ -361,7 +363,8 @@ def markdown_table(rows: List[Row], last_n: int) -> str:
         f"Online average: the mean of all of each run's evaluations during the online phase. Training episodes: "
         f"the mean score of the online episodes each run collected (actions sampled from its policy, not the "
         f"deterministic evaluation action) in the stretch of training its last {last_n} evaluations span. "
-        f"Delta vs base: final score minus the base algorithm's final score on the same dataset. Budget: offline "
+        f"Delta vs base: final score minus the base algorithm's final score on the same dataset (marked when the "
+        f"budgets, data or seeds of the two differ). Budget: offline "
         f"gradient updates + online environment steps (one update each).",
         "",
     ]

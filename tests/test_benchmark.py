@@ -486,6 +486,19 @@ def test_delta_vs_base_is_marked_when_the_base_trained_on_other_data(tmp_path):
     assert [row["dataset_sha256"] for row in summary["rows"]] == [["a" * 64], ["b" * 64]]
 
 
+def test_delta_vs_base_is_marked_when_the_seeds_differ(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    env = "o2o-test/swimmer/random-v0"
+    for label, seeds in (("iql", (0, 1)), ("iql_famo2o", (0,))):
+        for seed in seeds:
+            write_fake_run(root, f"{label}__{env.replace('/', '-')}__s{seed}", env, seed,
+                           [(20, 0, 1.0), (40, 1, 2.0 + 2 * seed)])
+    assert aggregate.main([str(root), "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    # final = mean of the (two) evaluations: 1.5 for seed 0, 2.5 for seed 1; 1.5 against their mean 2.0
+    assert "| -0.5 vs iql (seeds 0 vs 0, 1) |" in table
+
+
 def test_a_run_whose_data_changed_since_planning_is_not_launched(bench, tmp_path):
     run_dir = tmp_path / "runs" / bench["names"][0]
     run_dir.mkdir(parents=True)
