@@ -405,10 +405,10 @@ def plot_band(ax, xs, means, stds, label, color, marker=None) -> None:
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
 
 
-def grid(n_panels: int, width: float = 5.0, height: float = 3.6):
+def grid(n_panels: int, width: float = 5.0, height: float = 3.6, sharey: bool = False):
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
     for ax in axes.flat[n_panels:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -430,7 +430,8 @@ def plot_curves(dataset: str, runs: List[RunResult], colors: Dict[str, Any], out
     bases = {run.label: run.base for run in runs}
     labels = sorted(by_label, key=lambda label: family_key(label, bases))
     panels = comparison_panels(labels, bases)
-    fig, axes = grid(len(panels))
+    # one y-axis for every panel of a dataset, so that a method scoring far below the others shows as such
+    fig, axes = grid(len(panels), sharey=True)
     rows = []
     for ax, panel in zip(axes, panels):
         switches = set()

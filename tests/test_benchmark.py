@@ -423,6 +423,24 @@ def test_aggregation_of_samg_runs_without_reference_scores(tmp_path):
     assert (out / f"samg_{env.replace('/', '-')}.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_curve_panels_of_one_dataset_share_their_y_axis(tmp_path, monkeypatch):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    env = "o2o-test/swimmer/random-v0"
+    # two families far apart in score: each gets its own panel, both on one scale
+    for label, level in (("iql", 1.0), ("awac", 100.0)):
+        write_fake_run(root, f"{label}__{env.replace('/', '-')}__s0", env, 0, [(20, 0, level), (40, 1, level + 1.0)])
+    figures = []
+    close = aggregate.plt.close
+    monkeypatch.setattr(aggregate.plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    assert aggregate.main([str(root), "--out", str(out)]) == 0
+    (curves,) = [fig for fig in figures if fig is not None and "evaluation score" in fig.get_suptitle()]
+    panels = [ax for ax in curves.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in panels) == ["awac", "iql"]
+    low, high = panels[0].get_ylim()
+    assert low < 1.0 and high > 101.0
+    assert all(ax.get_ylim() == (low, high) for ax in panels)
+
+
 def test_provenance_checks_the_script_against_its_commit():
     """A launch from a dirty tree ran the committed script when the script's sha256 matches the file
     at the launch's commit; a script committed later is named by that commit; anything else is
