@@ -967,6 +967,8 @@ class FamO2OConservativeQLearning:
             conservative_loss = self.cql_alpha * gap.sum()
         metrics = {"train/td_loss": td_loss.detach(), "train/cql_gap": gap.detach().mean(),
                    "train/q_data_mean": q_data.detach().mean(), "train/q_random_mean": q_random.detach().mean()}
+        if self.config.cql_lagrange:  # without it alpha' is unused: its constant e would read as the weight
+            metrics["train/alpha_prime"] = alpha_prime.detach()
         return td_loss + conservative_loss, lagrange_loss, metrics
 
     def update(self, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -1001,7 +1003,6 @@ class FamO2OConservativeQLearning:
             "train/actor_loss": actor_loss.detach(),
             "train/q_loss": q_loss.detach(),
             "train/alpha": alpha,
-            "train/alpha_prime": self.log_alpha_prime.detach().exp(),
             "train/log_pi": log_pi.detach().mean(),
             "famo2o/update_beta_mean": betas["policy"].mean(),
             **metrics,

@@ -177,3 +177,22 @@ def test_fine_tuning_applies_this_runs_learning_rates(module):
     finetune.load_state_dict(copy.deepcopy(pretrained.state_dict()), fresh_schedule=True)
     assert finetune.qf_optimizer.param_groups[0]["lr"] == 1e-4
     assert finetune.actor_optimizer.param_groups[0]["lr"] == 5e-5
+
+
+@pytest.mark.parametrize("lagrange", [False, True])
+@pytest.mark.parametrize("name", ["cql", "cql_famo2o", "cql_samg"])
+def test_alpha_prime_is_logged_only_when_it_weighs_the_penalty(load_algorithm, name, lagrange):
+    module = load_algorithm(name)
+    overrides = {"hidden_dim": 32, "cql_n_actions": 4, "cql_lagrange": lagrange}
+    if hasattr(module, "beta_embedding"):
+        overrides["famo2o_balance"] = "fixed"
+    if hasattr(module, "SAMGGuide"):
+        overrides["samg_vae_hidden"] = 32
+    agent_class = next(getattr(module, cls) for cls in ("ConservativeQLearning", "FamO2OConservativeQLearning",
+                                                         "SAMGConservativeQLearning") if hasattr(module, cls))
+    torch.manual_seed(0)
+    agent = agent_class(module.TrainConfig(**overrides), OBS_DIM, ACT_DIM, torch.device("cpu"))
+    metrics = agent.update(random_batch(module))
+    assert ("train/alpha_prime" in metrics) == lagrange
+    if lagrange:  # the weight this update used: exp(log alpha' = 1), before alpha' takes its first step
+        assert float(metrics["train/alpha_prime"]) == pytest.approx(math.e, rel=1e-6)
