@@ -348,6 +348,19 @@ def test_bad_input_gives_a_clear_message(args, message, run_script, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_committed_results_and_readme_table_come_from_the_committed_runs(tmp_path):
+    """results/benchmark's table and summary, and the README's table, are what aggregate.py makes of
+    results/benchmark/runs now: a run added without re-aggregating, or a table edited by hand, fails."""
+    out = tmp_path / "results"
+    assert aggregate.main([str(REPO / "results" / "benchmark" / "runs"), "--out", str(out)]) == 0
+    committed = REPO / "results" / "benchmark"
+    for name in ("table.md", "summary.csv"):
+        assert (out / name).read_text() == (committed / name).read_text(), name
+    readme = (REPO / "README.md").read_text()
+    begin = readme.index(aggregate.README_BEGIN) + len(aggregate.README_BEGIN)
+    assert readme[begin:readme.index(aggregate.README_END)] == "\n" + (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "benchmark").glob("*.yaml"))
                          + sorted((REPO / "configs" / "investigations").glob("*.yaml")), ids=lambda p: p.name)
 def test_committed_matrices_are_valid(path):
