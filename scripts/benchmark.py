@@ -155,6 +155,8 @@ class Matrix:
     root: str = "runs/benchmark"
     project: str = "o2o"
     source: Optional[str] = None  # the matrix file, if any
+    # every label the matrix file defines: a base stays the run's base when --algorithms leaves it out
+    defined_labels: Optional[List[str]] = None
 
     def cells(self) -> List[Cell]:
         cells = []
@@ -162,7 +164,7 @@ class Matrix:
         for label, spec in self.algorithms.items():
             script = spec.get("script") or label
             base = spec.get("base", BASES.get(script))
-            base = base if base in self.algorithms and base != label else None
+            base = base if base in (self.defined_labels or self.algorithms) and base != label else None
             own = dict_flags(spec.get("args") or {}, f"{self.where}, algorithm '{label}'")
             for dataset in self.datasets:
                 config = spec.get("config")
@@ -229,6 +231,7 @@ def build_matrix(options: argparse.Namespace) -> Matrix:
             if missing:
                 raise UserError(f"Algorithm(s) {missing} are not in {options.matrix}; it defines "
                                 f"{list(matrix.algorithms)}.")
+            matrix.defined_labels = list(matrix.algorithms)
             matrix.algorithms = {a: matrix.algorithms[a] for a in options.algorithms}
     else:
         if not (options.algorithms and options.datasets):

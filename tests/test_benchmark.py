@@ -379,6 +379,22 @@ def test_committed_matrices_are_valid(path):
             assert budget(cell) == budget(base), (cell.label, cell.base)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "benchmark").glob("*.yaml")), ids=lambda p: p.name)
+def test_selecting_one_algorithm_keeps_its_base(path):
+    """`--algorithms iql_famo2o_random` (one label of a matrix) records the base the matrix names
+    (iql; cql_2m for paper_gpu.yaml's cql_famo2o) in provenance.json, not the script's default."""
+    full = {(cell.label, cell.dataset, cell.seed): cell.base for cell in benchmark.load_matrix(str(path)).cells()}
+    labels = sorted({label for label, _, _ in full})
+    for label in labels:
+        options, _ = benchmark.parse_args(["--matrix", str(path), "--algorithms", label])
+        cells = benchmark.build_matrix(options).cells()
+        assert {cell.label for cell in cells} == {label}
+        assert [cell.base for cell in cells] == [full[(c.label, c.dataset, c.seed)] for c in cells], label
+    if path.name == "paper_gpu.yaml":
+        options, _ = benchmark.parse_args(["--matrix", str(path), "--algorithms", "cql_famo2o"])
+        assert {cell.base for cell in benchmark.build_matrix(options).cells()} == {"cql_2m"}
+
+
 def write_fake_run(root: Path, name: str, env: str, seed: int, evals: list, samg: list = (),
                    training: list = ()) -> None:
     """A run directory by hand: evals = [(iteration, phase, return)], samg = [(iteration, p_mean)],
