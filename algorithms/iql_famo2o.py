@@ -16,7 +16,10 @@ Run:
 
 Balance modes (`--famo2o_balance`, the paper's ablations): `adaptive` (FamO2O), `fixed` (beta =
 iql_beta everywhere, which is IQL with a beta-conditioned actor), `random` (beta ~ U[beta_min,
-beta_max] when acting and in online updates; no balance model).
+beta_max] when acting and in online updates; no balance model). One more of ours, not the paper's:
+`--famo2o_online_update_betas uniform` keeps the adaptive balance model for acting but updates the
+universal policy online at uniform betas, as offline: it separates acting at the model's betas from
+updating at them.
 
 Deviations from the official code, each with its reason:
 1. The advantage weight is per sample, min(exp(beta_j * A_j), 100). The official code broadcasts a
@@ -109,6 +112,9 @@ class TrainConfig:
     iql_beta: float = 3.0
     # Balance mode: adaptive (FamO2O), fixed (beta = iql_beta: IQL), random (beta ~ U[min, max] when acting)
     famo2o_balance: str = "adaptive"
+    # Betas of the online policy updates in adaptive mode: balance (sampled from pi_b: FamO2O) or
+    # uniform (U[min, max] as offline while still acting with pi_b: an ablation of ours)
+    famo2o_online_update_betas: str = "balance"
     # Lower end of the balance coefficient range (locomotion 1, AntMaze 8)
     famo2o_beta_min: float = 1.0
     # Upper end of the balance coefficient range (locomotion 5, AntMaze 14)
@@ -816,9 +822,17 @@ class FamO2OImplicitQLearning:
         self.actor_scheduler = self.make_actor_scheduler()
         if config.famo2o_balance not in ("adaptive", "fixed", "random"):
             raise UserError(f"--famo2o_balance must be adaptive, fixed or random, not '{config.famo2o_balance}'.")
+        if config.famo2o_online_update_betas not in ("balance", "uniform"):
+            raise UserError("--famo2o_online_update_betas must be balance or uniform, "
+                            f"not '{config.famo2o_online_update_betas}'.")
+        if config.famo2o_online_update_betas == "uniform" and config.famo2o_balance != "adaptive":
+            raise UserError("--famo2o_online_update_betas uniform needs --famo2o_balance adaptive "
+                            "(fixed and random choose the update betas themselves).")
         if not config.famo2o_beta_min < config.famo2o_beta_max:
             raise UserError("--famo2o_beta_min must be smaller than --famo2o_beta_max.")
         self.balance_mode = config.famo2o_balance
+        self.online_betas_from_balance = (config.famo2o_balance == "adaptive"
+                                          and config.famo2o_online_update_betas == "balance")
         self.beta_min, self.beta_max = config.famo2o_beta_min, config.famo2o_beta_max
         self.balance_model = BalanceModel(obs_dim, config.hidden_dim, config.n_hidden).to(device)
         self.balance_optimizer = make_adam(self.balance_model, config.famo2o_balance_lr)
@@ -852,10 +866,11 @@ class FamO2OImplicitQLearning:
     def update_betas(self, states: torch.Tensor, balance_dist: Optional[torch.distributions.Normal] = None
                      ) -> torch.Tensor:
         """beta of each sample in the universal policy's update: uniform offline, from the pre-step
-        balance model (stochastic, no gradient) online. balance_dist: pi_b(s), if already computed."""
+        balance model (stochastic, no gradient) online, unless famo2o_online_update_betas = uniform.
+        balance_dist: pi_b(s), if already computed."""
         if self.balance_mode == "fixed":
             return torch.full((states.shape[0],), self.config.iql_beta, device=self.device)
-        if self.balance_mode == "adaptive" and self.online:
+        if self.online_betas_from_balance and self.online:
             with torch.no_grad():
                 dist = self.balance_model(states) if balance_dist is None else balance_dist
                 return self.to_beta(torch.tanh(dist.sample()))
@@ -904,7 +919,7 @@ class FamO2OImplicitQLearning:
                          and self.total_updates % self.config.famo2o_balance_update_every == 0)
         # pi_b(s) with its pre-step weights serves both the online betas and the balance step.
         balance_dist = self.balance_model(states) if train_balance or (
-            self.balance_mode == "adaptive" and self.online) else None
+            self.online_betas_from_balance and self.online) else None
         betas = self.update_betas(states, balance_dist)  # drawn before the balance step: functional order
         with torch.no_grad():
             target_q = self.q_target(states, actions).min(0).values

@@ -142,6 +142,36 @@ def test_online_betas_come_from_the_pre_step_balance_model(famo2o):
     assert order == ["betas", "balance"]
 
 
+def test_uniform_online_update_betas_keep_acting_and_training_the_balance_model(famo2o, monkeypatch):
+    """--famo2o_online_update_betas uniform: online update betas as offline, acting and the balance
+    step unchanged."""
+    agent = make_agent(famo2o, famo2o_online_update_betas="uniform")
+    with torch.no_grad():  # pi_b's mode maps to beta = 4 everywhere
+        last = agent.balance_model.net[-1]
+        last.weight.zero_()
+        last.bias.fill_(math.atanh(0.5))
+    agent.online = True
+    states = torch.zeros(100000, OBS_DIM)
+    torch.testing.assert_close(agent.acting_betas(states[:5]), torch.full((5,), 4.0), atol=1e-4, rtol=0)
+    forward = agent.balance_model.forward
+    monkeypatch.setattr(agent.balance_model, "forward", lambda *a: pytest.fail("balance model queried"))
+    betas = agent.update_betas(states)
+    assert betas.mean().item() == pytest.approx(3.0, abs=0.02)
+    assert betas.std().item() == pytest.approx(4 / math.sqrt(12), abs=0.02)
+    monkeypatch.setattr(agent.balance_model, "forward", forward)
+    before = parameters_of(agent.balance_model)
+    metrics = agent.update(random_batch(famo2o))
+    assert any(not torch.equal(b, a) for b, a in zip(before, parameters_of(agent.balance_model)))
+    assert "famo2o/balance_loss" in metrics
+
+
+@pytest.mark.parametrize("overrides", [{"famo2o_online_update_betas": "model"},
+                                       {"famo2o_online_update_betas": "uniform", "famo2o_balance": "fixed"}])
+def test_bad_online_update_betas_are_refused(famo2o, overrides):
+    with pytest.raises(famo2o.UserError, match="famo2o_online_update_betas"):
+        make_agent(famo2o, **overrides)
+
+
 def test_acting_is_deterministic_in_beta(famo2o):
     agent = make_agent(famo2o)
     state = torch.randn(OBS_DIM).numpy()
