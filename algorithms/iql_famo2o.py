@@ -110,7 +110,8 @@ class TrainConfig:
     iql_tau: float = 0.7
     # Inverse temperature beta of the advantage weights exp(beta * A) (the constant beta of famo2o_balance=fixed)
     iql_beta: float = 3.0
-    # Balance mode: adaptive (FamO2O), fixed (beta = iql_beta: IQL), random (beta ~ U[min, max] when acting)
+    # Balance mode: adaptive (FamO2O), fixed (beta = iql_beta: IQL), random (beta ~ U[min, max] when
+    # acting and in online updates)
     famo2o_balance: str = "adaptive"
     # Betas of the online policy updates in adaptive mode: balance (sampled from pi_b: FamO2O) or
     # uniform (U[min, max] as offline while still acting with pi_b: an ablation of ours)
