@@ -12,7 +12,9 @@ whether the balance model had a signal to follow. For scale it also prints the s
 (the balance model chooses per state), how far apart the actions of the lowest and highest beta are,
 and the same critic's Q at the dataset's action and at a uniformly random action: a small spread
 across betas next to a large dataset-vs-random gap means the family's actions are too close for
-the critic to rank, not that the critic ignores actions. Runs on the CPU.
+the critic to rank, not that the critic ignores actions. For an adaptive run it also prints how
+widely the balance model's sampled betas (those of FamO2O's online updates) spread within a state,
+next to the spread of its deterministic betas (those it acts with) across states. Runs on the CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def min_q(module: Any, agent: Any, states: torch.Tensor, actions: torch.Tensor) 
     return agent.q_target(states, actions).min(0).values  # iql_famo2o.py: target critics
 
 
+def sampled_beta_std_per_state(agent: Any, states: torch.Tensor, n_samples: int = 256) -> Optional[float]:
+    """Std of beta ~ pi_b(s) over samples of one state, averaged over states (None without a balance
+    model): how far FamO2O's online update betas stray from the beta it acts with at that state."""
+    if agent.balance_mode != "adaptive":
+        return None
+    dist = agent.balance_model(states)
+    pre_tanh = dist.sample((n_samples,)).reshape(n_samples, states.shape[0])
+    return agent.to_beta(torch.tanh(pre_tanh)).std(0).mean().item()
+
+
 def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optional[List[float]]) -> List[Dict[str, Any]]:
     torch.set_num_threads(1)
     run = load_run(run_dir, checkpoints[0])
@@ -66,6 +78,7 @@ def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optiona
             chosen = agent.acting_betas(states)
             q_dataset = min_q(run.module, agent, states, dataset_actions).mean().item()
             q_random = min_q(run.module, agent, states, random_actions).mean().item()
+            sampled_std = sampled_beta_std_per_state(agent, states)
         q = {beta: q_per_state[i].mean().item() for i, beta in enumerate(grid)}
         results.append({
             "checkpoint": checkpoint_name, "iteration": checkpoint["iteration"], "q_by_beta": q,
@@ -74,6 +87,7 @@ def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optiona
             "action_distance": (actions[-1] - actions[0]).norm(dim=-1).mean().item(),
             "q_dataset_action": q_dataset, "q_random_action": q_random,
             "balance_beta_mean": chosen.mean().item(), "balance_beta_std": chosen.std().item(),
+            "balance_sampled_beta_std_per_state": sampled_std,
         })
     return results
 
@@ -100,6 +114,9 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"{result['q_spread']:.3f} (per state {result['q_spread_per_state']:.3f})")
         print(f"  |a(beta max) - a(beta min)| = {result['action_distance']:.3f}; min Q at the dataset action "
               f"{result['q_dataset_action']:.3f}, at a uniformly random action {result['q_random_action']:.3f}")
+        if result["balance_sampled_beta_std_per_state"] is not None:
+            print(f"  balance model's sampled beta: std {result['balance_sampled_beta_std_per_state']:.2f} within a state "
+                  f"(its deterministic beta: std {result['balance_beta_std']:.2f} across states)")
         for beta, q in result["q_by_beta"].items():
             print(f"  beta {beta:g}: mean min Q(s, pi_u(s, beta)) = {q:.3f}")
 

@@ -29,7 +29,33 @@ def test_q_by_beta_on_a_tiny_run(name, train_script, run_script, tmp_path):
         assert row["q_spread_per_state"] >= row["q_spread"] - 1e-6
         assert 0.0 < row["action_distance"] <= 2.0 * math.sqrt(3)  # beta reaches the actor; Hopper: 3 actions in [-1, 1]
         assert math.isfinite(row["q_dataset_action"]) and math.isfinite(row["q_random_action"])
+        # an adaptive run's balance model samples within its range: std at most half the range's width
+        assert 0.0 < row["balance_sampled_beta_std_per_state"] <= (high - low) / 2
     assert rows[0]["q_by_beta"] != rows[1]["q_by_beta"]  # 20 online updates changed the critics
+
+
+class _Agent:
+    """A balance model whose pre-tanh mean differs per state and whose std is `scale` everywhere."""
+
+    def __init__(self, scale, mode="adaptive"):
+        self.balance_mode, self.scale = mode, scale
+
+    def balance_model(self, states):
+        return torch.distributions.Normal(states[:, 0], torch.full((states.shape[0],), self.scale))
+
+    def to_beta(self, u):
+        return 1.0 + (u + 1.0) / 2.0 * 4.0
+
+
+def test_sampled_beta_spread_is_within_a_state_not_across_states():
+    from famo2o_q_vs_beta import sampled_beta_std_per_state
+
+    states = torch.linspace(-2.0, 2.0, 50).unsqueeze(-1)  # modes spread over most of [1, 5]
+    torch.manual_seed(0)
+    assert sampled_beta_std_per_state(_Agent(1e-4), states) < 1e-3
+    # a narrow pre-tanh std s at mean 0 gives beta std ~ 2 s (d beta / d u = 2 at u = 0)
+    assert sampled_beta_std_per_state(_Agent(0.05), torch.zeros(200, 1), 4000) == pytest.approx(0.1, rel=0.05)
+    assert sampled_beta_std_per_state(_Agent(1.0, mode="random"), states) is None
 
 
 def test_refuses_a_run_of_another_algorithm(train_script, run_script, tmp_path):
