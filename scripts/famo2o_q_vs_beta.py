@@ -46,13 +46,15 @@ def min_q(module: Any, agent: Any, states: torch.Tensor, actions: torch.Tensor) 
     return agent.q_target(states, actions).min(0).values  # iql_famo2o.py: target critics
 
 
-def sampled_beta_std_per_state(agent: Any, states: torch.Tensor, n_samples: int = 256) -> Optional[float]:
+def sampled_beta_std_per_state(agent: Any, states: torch.Tensor, generator: torch.Generator,
+                               n_samples: int = 256) -> Optional[float]:
     """Std of beta ~ pi_b(s) over samples of one state, averaged over states (None without a balance
     model): how far FamO2O's online update betas stray from the beta it acts with at that state."""
     if agent.balance_mode != "adaptive":
         return None
     dist = agent.balance_model(states)
-    pre_tanh = dist.sample((n_samples,)).reshape(n_samples, states.shape[0])
+    loc, scale = dist.loc.reshape(-1), dist.scale.reshape(-1)
+    pre_tanh = loc + scale * torch.randn((n_samples, states.shape[0]), generator=generator)
     return agent.to_beta(torch.tanh(pre_tanh)).std(0).mean().item()
 
 
@@ -78,7 +80,7 @@ def analyse(run_dir: Path, checkpoints: List[str], n_states: int, betas: Optiona
             chosen = agent.acting_betas(states)
             q_dataset = min_q(run.module, agent, states, dataset_actions).mean().item()
             q_random = min_q(run.module, agent, states, random_actions).mean().item()
-            sampled_std = sampled_beta_std_per_state(agent, states)
+            sampled_std = sampled_beta_std_per_state(agent, states, torch.Generator().manual_seed(1))
         q = {beta: q_per_state[i].mean().item() for i, beta in enumerate(grid)}
         results.append({
             "checkpoint": checkpoint_name, "iteration": checkpoint["iteration"], "q_by_beta": q,

@@ -51,11 +51,11 @@ def test_sampled_beta_spread_is_within_a_state_not_across_states():
     from famo2o_q_vs_beta import sampled_beta_std_per_state
 
     states = torch.linspace(-2.0, 2.0, 50).unsqueeze(-1)  # modes spread over most of [1, 5]
-    torch.manual_seed(0)
-    assert sampled_beta_std_per_state(_Agent(1e-4), states) < 1e-3
+    generator = torch.Generator().manual_seed(0)
+    assert sampled_beta_std_per_state(_Agent(1e-4), states, generator) < 1e-3
     # a narrow pre-tanh std s at mean 0 gives beta std ~ 2 s (d beta / d u = 2 at u = 0)
-    assert sampled_beta_std_per_state(_Agent(0.05), torch.zeros(200, 1), 4000) == pytest.approx(0.1, rel=0.05)
-    assert sampled_beta_std_per_state(_Agent(1.0, mode="random"), states) is None
+    assert sampled_beta_std_per_state(_Agent(0.05), torch.zeros(200, 1), generator, 4000) == pytest.approx(0.1, rel=0.05)
+    assert sampled_beta_std_per_state(_Agent(1.0, mode="random"), states, generator) is None
 
 
 def test_refuses_a_run_of_another_algorithm(train_script, run_script, tmp_path):
